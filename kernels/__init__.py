@@ -1,0 +1,1 @@
+"""Vocab-parallel KL kernels (Triton) and their pure-torch references."""

@@ -1,0 +1,383 @@
+"""Recipes: YAML -> one dataclass per stage, with validation that names the file and the key.
+
+A recipe is a YAML mapping whose top-level keys are the stages below. Every key must be a
+field of its stage's dataclass (a typo is an error that suggests the closest field), every
+value must have the field's type, and a required field without a default must be set.
+Command-line overrides use dotted keys: `parallel.tp=2 optimizer.lr=3e-4`.
+
+The layout checks that need the model (heads, experts, layers) live in `validate_layout`,
+called once the student's HF config is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe (file or override) that cannot be run, with the place and the expectation."""
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = ""
+    """Student HF checkpoint folder (config.json + safetensors + tokenizer)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Training precision; bf16 wraps the model in Megatron's Float16Module."""
+    make_vocab_size_divisible_by: int = 128
+    """Megatron pads the vocabulary to a multiple of this times TP; padded columns are masked."""
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
+    moe_aux_loss_coeff: float = 0.0
+    """Router load-balancing loss weight (0 = off, as usual for RL and distillation)."""
+    recompute_activations: bool = False
+    """Full activation recompute per layer (saves memory at ~30% more compute)."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    ep: int = 1
+    """Expert-parallel size (MoE experts are split over EP ranks)."""
+    etp: int = 1
+    """Expert tensor-parallel size (1 works with the alltoall dispatcher on gloo)."""
+    cp: int = 1
+    """Context-parallel size."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); None = off."""
+    sequence_parallel: Optional[bool] = None
+    """None = on whenever tp > 1 (Megatron requires it for MoE with TP)."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch in the training step."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; auto = nccl with CUDA, gloo without."""
+
+    @property
+    def use_sequence_parallel(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tp * self.pp * self.cp)
+
+
+@dataclass
+class EngineConfig:
+    """One serving engine: the student's rollout engine or a teacher."""
+
+    engine: Literal["local", "sglang", "url"] = "local"
+    """local = embedded CPU engine; sglang = launch an SGLang server; url = attach to one."""
+    model_path: str = ""
+    """HF checkpoint to serve (for the rollout engine: defaults to the student's)."""
+    url: str = ""
+    """Base URL when engine is `url` (e.g. http://10.0.0.5:30000)."""
+    host: str = "127.0.0.1"
+    port: int = 0
+    """0 = pick a free port."""
+    tp: int = 1
+    dp: int = 1
+    ep: int = 1
+    mem_fraction_static: float = 0.8
+    extra_args: list[str] = field(default_factory=list)
+    """Extra command-line flags for `sglang.launch_server`."""
+    timeout_s: float = 120.0
+    """Per-request timeout."""
+    max_retries: int = 3
+    max_concurrency: int = 8
+    batch_size: int = 64
+    """Sequences per HTTP request."""
+
+
+@dataclass
+class RolloutConfig(EngineConfig):
+    n_samples_per_prompt: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 = off."""
+    max_new_tokens: int = 256
+    sync_mode: Literal["tensor", "disk", "distributed"] = "tensor"
+    """How new student weights reach the rollout engine."""
+    sync_check: bool = True
+    """After each sync, compare engine and trainer log-probs on a fixed probe."""
+
+
+@dataclass
+class TeacherConfig(EngineConfig):
+    name: str = ""
+    domains: list[str] = field(default_factory=list)
+    """Prompt domains this teacher scores."""
+
+
+@dataclass
+class TeachersConfig:
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    default: Optional[str] = None
+    """Teacher name for domains that no teacher lists; None = unknown domain is an error."""
+    top_k: int = 0
+    """Teacher top-k log-probs to request (the top-k loss needs 64)."""
+    check_tokenizer: bool = True
+    """Fail at start-up if a teacher's vocabulary differs from the student's."""
+
+
+@dataclass
+class AlgorithmConfig:
+    loss: Literal["pg", "topk", "full_rkl", "forward_kl"] = "pg"
+    """pg = MOPD policy gradient on the sampled token (paper default); topk = corrected
+    teacher top-k reverse KL; full_rkl / forward_kl = exact full-vocabulary KL (local teacher)."""
+    adv_clip: float = 5.0
+    """A_max: the teacher advantage is clipped to [-A_max, A_max]."""
+    orm_coef: float = 0.0
+    """alpha: weight of the GRPO outcome-reward advantage (0 = pure distillation)."""
+    icepop_low: float = 0.5
+    """IcePop gate: tokens with pi_theta/mu_theta below this get weight 0."""
+    icepop_high: float = 2.0
+    """IcePop gate: tokens with pi_theta/mu_theta above this get weight 0."""
+    topk: int = 64
+    """k of the teacher top-k loss."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 10
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """JSONL or Parquet prompt files (fields: prompt or messages, domain, answer, ...)."""
+    eval_files: list[str] = field(default_factory=list)
+    domain_weights: dict[str, float] = field(default_factory=dict)
+    """Sampling weight per domain (the paper: math 0.35, IF 0.35, SWE 0.30); empty = natural mix."""
+    prompts_per_step: int = 64
+    apply_chat_template: bool = False
+    max_prompt_tokens: int = 1024
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Megatron distributed checkpoints go here ('' = <logging.dir>/checkpoints)."""
+    save_interval: int = 50
+    keep_last: int = 2
+    resume: bool = True
+    """Resume from the newest checkpoint in `dir` when one exists."""
+    export_hf: bool = True
+    """Export the final student as an HF checkpoint (<dir>/hf)."""
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/mopd"
+    tensorboard: bool = True
+    log_interval: int = 1
+    eval_interval: int = 0
+    """Steps between held-out evaluations (0 = only at start and end)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str = field(default="<defaults>", compare=False, repr=False)
+    """Where the recipe came from (for error messages); not a YAML key."""
+
+
+# ---------------------------------------------------------------------------------------
+# YAML -> dataclasses
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file, apply `key.sub=value` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of stages at the top, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item, path)
+    recipe = from_dict(Recipe, raw, source=str(path))
+    recipe.source = str(path)
+    validate(recipe)
+    return recipe
+
+
+def from_dict(cls: type, raw: Any, source: str = "<dict>", where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types recursively."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: {where or 'recipe'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise RecipeError(f"{source}: unknown key '{dotted}'{hint}")
+        values[key] = _coerce(hints[key], value, source, dotted)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, source: str, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, where)
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{source}: '{where}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: '{where}' must be a list, got {value!r}")
+        return [_coerce(args[0], v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, source, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise RecipeError(f"{source}: '{where}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _apply_override(raw: dict, item: str, source: Path) -> None:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r}: expected key.sub=value (e.g. parallel.tp=2)")
+    key, text = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {item!r}: '{part}' is not a mapping in {source}")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain data (for logging and for saving beside checkpoints)."""
+    data = dataclasses.asdict(recipe)
+    data.pop("source", None)
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(recipe: Recipe) -> None:
+    """Checks that need only the recipe (the model-dependent ones are in validate_layout)."""
+    src, p = recipe.source, recipe.parallel
+    for name in ("tp", "pp", "ep", "etp", "cp", "micro_batch_size"):
+        if getattr(p, name) < 1:
+            raise RecipeError(f"{src}: 'parallel.{name}' must be >= 1, got {getattr(p, name)}")
+    a = recipe.algorithm
+    if not 0 < a.icepop_low < 1 < a.icepop_high:
+        raise RecipeError(
+            f"{src}: IcePop bounds need 0 < algorithm.icepop_low < 1 < algorithm.icepop_high, "
+            f"got [{a.icepop_low}, {a.icepop_high}]"
+        )
+    if a.loss == "topk" and recipe.teachers.top_k < a.topk:
+        raise RecipeError(
+            f"{src}: algorithm.loss 'topk' needs teachers.top_k >= algorithm.topk ({a.topk}), "
+            f"got {recipe.teachers.top_k}"
+        )
+    names = [t.name for t in recipe.teachers.teachers]
+    if len(set(names)) != len(names) or "" in names:
+        raise RecipeError(f"{src}: every teachers.teachers[i].name must be set and unique, got {names}")
+    if recipe.teachers.default is not None and recipe.teachers.default not in names:
+        raise RecipeError(f"{src}: teachers.default {recipe.teachers.default!r} is not one of {names}")
+    seen: dict[str, str] = {}
+    for t in recipe.teachers.teachers:
+        for d in t.domains:
+            if d in seen:
+                raise RecipeError(f"{src}: domain {d!r} is served by both {seen[d]!r} and {t.name!r}")
+            seen[d] = t.name
+    unknown = set(recipe.data.domain_weights) - set(seen) if seen and recipe.teachers.default is None else set()
+    if unknown:
+        raise RecipeError(f"{src}: data.domain_weights names domains no teacher serves: {sorted(unknown)}")
+
+
+def validate_layout(
+    parallel: ParallelConfig,
+    world_size: int,
+    *,
+    num_layers: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    num_experts: int = 0,
+    source: str = "<recipe>",
+) -> None:
+    """Fail early, with the rule that is broken, on a layout Megatron cannot build."""
+    p = parallel
+    model_parallel = p.tp * p.pp * p.cp
+    problems = []
+    if world_size % model_parallel:
+        problems.append(f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}")
+    else:
+        dp = world_size // model_parallel
+        if num_experts and (dp * p.tp * p.cp) % (p.ep * p.etp):
+            problems.append(f"ep*etp = {p.ep * p.etp} does not divide dp*tp*cp = {dp * p.tp * p.cp}")
+    if num_attention_heads % p.tp:
+        problems.append(f"{num_attention_heads} attention heads are not divisible by tp = {p.tp}")
+    if num_query_groups % p.tp and p.tp % num_query_groups:
+        problems.append(f"{num_query_groups} query groups and tp = {p.tp}: neither divides the other")
+    if num_layers % p.pp:
+        problems.append(f"{num_layers} layers are not divisible by pp = {p.pp}")
+    if p.vpp and num_layers % (p.pp * p.vpp):
+        problems.append(f"{num_layers} layers are not divisible by pp*vpp = {p.pp * p.vpp}")
+    if num_experts:
+        if num_experts % p.ep:
+            problems.append(f"{num_experts} experts are not divisible by ep = {p.ep}")
+        if p.tp > 1 and not p.use_sequence_parallel:
+            problems.append("MoE with tp > 1 needs parallel.sequence_parallel: true")
+    elif p.ep > 1:
+        problems.append(f"ep = {p.ep} but the model has no experts")
+    if problems:
+        raise RecipeError(f"{source}: impossible parallel layout: " + "; ".join(problems))
