@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,6 +62,9 @@ class ParallelConfig:
     """Sequences per micro-batch in the training step."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend; auto = nccl with CUDA, gloo without."""
+    world_size: int = 0
+    """Ranks `mopd-megatron train` starts on this machine when not launched by torchrun;
+    0 = the fewest that fit the layout (dp just large enough for ep*etp)."""
 
     @property
     def use_sequence_parallel(self) -> bool:
@@ -68,6 +72,14 @@ class ParallelConfig:
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
+
+    @property
+    def nproc(self) -> int:
+        if self.world_size:
+            return self.world_size
+        experts = self.ep * self.etp
+        min_dp = experts // math.gcd(experts, self.tp * self.cp)
+        return self.tp * self.pp * self.cp * min_dp
 
 
 @dataclass
