@@ -326,6 +326,19 @@ def to_dict(recipe: Recipe) -> dict:
 def validate(recipe: Recipe) -> None:
     """Checks that need only the recipe (the model-dependent ones are in validate_layout)."""
     src, p = recipe.source, recipe.parallel
+    required = {
+        "model.hf_path": (recipe.model.hf_path, "the student's HF checkpoint folder"),
+        "data.train_files": (recipe.data.train_files, "a list of JSONL/Parquet prompt files"),
+    }
+    if recipe.rollout.engine == "url":
+        required["rollout.url"] = (recipe.rollout.url, "the running engine's base URL")
+    for i, t in enumerate(recipe.teachers.teachers):
+        key, what = ("url", "the teacher server's base URL") if t.engine == "url" else (
+            "model_path", "the teacher's HF checkpoint folder")
+        required[f"teachers.teachers[{i}].{key}"] = (getattr(t, key), what)
+    for key, (value, what) in required.items():
+        if not value:
+            raise RecipeError(f"{src}: missing required value '{key}' ({what})")
     for name in ("tp", "pp", "ep", "etp", "cp", "micro_batch_size"):
         if getattr(p, name) < 1:
             raise RecipeError(f"{src}: 'parallel.{name}' must be >= 1, got {getattr(p, name)}")
