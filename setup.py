@@ -29,7 +29,8 @@ setup(
     install_requires=CPU_REQUIREMENTS,
     extras_require={
         "test": ["pytest"],
-        # GPU machines only. NVIDIA apex is built from source there; never `pip install apex`.
+        # The gpu extra is for GPU machines only (NVIDIA apex, if wanted, is built from source
+        # there: the PyPI package named apex is unrelated).
         "gpu": ["transformer-engine[pytorch]", "sglang"],
     },
     entry_points={"console_scripts": ["mopd-megatron=mopd_megatron.cli:main"]},
