@@ -1,0 +1,99 @@
+"""`mopd-megatron` command line: train, demo, convert.
+
+`train` starts torchrun by itself when the recipe's layout needs more than one rank and the
+command was not already launched by torchrun (or SLURM's srun through tools/launch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from .config import RecipeError
+
+
+def _launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _relaunch_under_torchrun(nproc: int) -> int:
+    """Re-run this very command on `nproc` local ranks (gloo on CPU, nccl on GPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "mopd_megatron.cli", *sys.argv[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.call(cmd, env=env)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    nproc = recipe.parallel.nproc
+    if nproc > 1 and not _launched_by_torchrun():
+        return _relaunch_under_torchrun(nproc)
+    from .train import train
+
+    train(recipe)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    return run_demo(args.out, layout=args.layout, quick=args.quick, overrides=args.overrides)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .config import ParallelConfig
+    from .hf import convert
+
+    if args.direction == "hf-to-megatron":
+        layout = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
+        convert.hf_to_megatron(args.hf_path, args.megatron_path, layout)
+    else:
+        convert.megatron_to_hf(args.megatron_path, args.hf_path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mopd-megatron", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="run MOPD training from a YAML recipe")
+    train.add_argument("recipe", help="recipe YAML (see recipes/)")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="build the toy world and run MOPD on CPU end to end")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.add_argument("--layout", choices=["tp2", "ep2", "tp1"], default="ep2",
+                      help="student layout over gloo (tp2 = TP=2+SP, ep2 = EP=2 x DP=2)")
+    demo.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+    demo.add_argument("overrides", nargs="*", help="dotted recipe overrides")
+    demo.set_defaults(func=cmd_demo)
+
+    convert = sub.add_parser("convert", help="convert checkpoints between HF and Megatron")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("--hf-path", required=True)
+    convert.add_argument("--megatron-path", required=True)
+    convert.add_argument("--tp", type=int, default=1)
+    convert.add_argument("--pp", type=int, default=1)
+    convert.add_argument("--ep", type=int, default=1)
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return args.func(args)
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"mopd-megatron {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Rollout/teacher stage, engine API: the one client of SGLang and the embedded engine.
+
+Consumes token ids and produces typed results (`types.py`): `generate(prompts, sampling)`
+-> `Generation`s (the student's rollout, with behaviour log-probs mu_theta),
+`score(sequences, response_starts, top_k)` -> `Scores` (teacher prefill scoring, the
+post-sync probe), plus the control endpoints: health, model/server info, cache flush and
+the three weight-update paths (disk, tensor, distributed). The rollout engine, every
+teacher and the weight sync talk through this class.
+
+Each call is async (`agenerate`, `ascore`, ...) with a blocking twin of the same name
+without the `a`. Sequences go `batch_size` per request in SGLang's batch form (`input_ids`
+as a list of lists), requests run concurrently up to `max_concurrency`, and results come
+back in input order. Deadlines, retries and errors (`EngineError`) are `transport.py`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from mopd_megatron.rollout.transport import EngineError, HttpEndpoint, run_sync
+from mopd_megatron.rollout.types import (
+    Generation,
+    SamplingParams,
+    Scores,
+    parse_generations,
+    parse_scores,
+)
+
+__all__ = ["EngineClient", "EngineError", "Generation", "SamplingParams", "Scores"]
+
+SAFETENSORS_B64 = "safetensors_b64"
+"""`load_format` of the embedded engine's tensor payload (SGLang's own is a pickle, below)."""
+
+
+class EngineClient(HttpEndpoint):
+    """Client of one SGLang-compatible server (a real SGLang, or the embedded engine).
+
+    Args: as `HttpEndpoint` (url, timeout_s, max_retries, max_concurrency, batch_size,
+    backoff_s); `EngineClient.from_config(url, engine_config)` takes them from a recipe.
+    """
+
+    async def _batched(self, n: int, call: Callable[[slice], Coroutine]) -> list:
+        """Run `call` on consecutive slices of `batch_size` items; concatenate in order."""
+        slices = [slice(i, min(i + self.batch_size, n)) for i in range(0, n, self.batch_size)]
+        parts = await asyncio.gather(*(call(s) for s in slices))
+        return [item for part in parts for item in part]
+
+    # -- generation and scoring ----------------------------------------------------------
+
+    async def agenerate(self, prompts: Sequence[Sequence[int]],
+                        sampling: SamplingParams) -> list[Generation]:
+        """Sample one response per prompt, with per-token log-probs (in input order).
+
+        Args:
+            prompts: Token ids of each prompt (repeat a prompt for several samples).
+            sampling: Temperature, top-p/k, max_new_tokens, stop tokens.
+
+        Returns:
+            One `Generation` per prompt.
+        """
+        async def call(part: slice) -> list[Generation]:
+            batch = [list(map(int, p)) for p in prompts[part]]
+            payload = {"input_ids": batch, "sampling_params": sampling.to_sglang(part),
+                       "return_logprob": True}
+            return await self._request("POST", "/generate", payload,
+                                       parse=lambda r: parse_generations(r, batch, sampling))
+        return await self._batched(len(prompts), call)
+
+    async def ascore(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
+                     top_k: int = 0) -> list[Scores]:
+        """Prefill-only log-probs of given tokens at temperature 1 (no sampling).
+
+        Args:
+            sequences: Token ids of each prompt + response.
+            response_starts: First scored position of each sequence (>= 1: the first token
+                of a sequence has no log-prob). Scores cover positions start..len-1.
+            top_k: Also return the top-k ids and log-probs at those positions (0 = off).
+
+        Returns:
+            One `Scores` per sequence, in input order.
+        """
+        if len(sequences) != len(response_starts):
+            raise ValueError(f"{len(sequences)} sequences but {len(response_starts)} starts")
+        for seq, r in zip(sequences, response_starts):
+            if not 1 <= r <= len(seq):
+                raise ValueError(f"response start {r} not in [1, {len(seq)}]")
+
+        async def call(part: slice) -> list[Scores]:
+            batch = [list(map(int, s)) for s in sequences[part]]
+            starts = [int(r) for r in response_starts[part]]
+            payload = {"input_ids": batch, "return_logprob": True,
+                       "sampling_params": {"max_new_tokens": 0, "temperature": 1.0},
+                       "logprob_start_len": [r - 1 for r in starts]}
+            if top_k > 0:
+                payload["top_logprobs_num"] = int(top_k)
+            return await self._request("POST", "/generate", payload,
+                                       parse=lambda r: parse_scores(r, batch, starts, top_k))
+        return await self._batched(len(sequences), call)
+
+    # -- control --------------------------------------------------------------------------
+
+    async def ahealth(self) -> bool:
+        """True when GET /health answers 200 (one attempt, no exception)."""
+        try:
+            await self._request("GET", "/health", json_reply=False, retries=0)
+            return True
+        except EngineError:
+            return False
+
+    async def amodel_info(self) -> dict:
+        """GET /get_model_info (has `model_path`)."""
+        return await self._request("GET", "/get_model_info")
+
+    async def aserver_info(self) -> dict:
+        """GET /get_server_info (launch settings, e.g. `tp_size`)."""
+        return await self._request("GET", "/get_server_info")
+
+    async def aflush_cache(self) -> None:
+        """POST /flush_cache (drop the prefix cache)."""
+        await self._request("POST", "/flush_cache", json_reply=False)
+
+    async def _update(self, path: str, payload: dict, retries: int | None = None) -> dict:
+        reply = await self._request("POST", path, payload, retries=retries)
+        if not isinstance(reply, dict) or not reply.get("success"):
+            raise EngineError(self.url, f"{path} failed: {reply!r:.1000}")
+        return reply
+
+    async def aupdate_weights_from_disk(self, model_path: str, *, flush_cache: bool = True,
+                                       weight_version: str | None = None) -> dict:
+        """Reload all weights from an HF checkpoint folder the server can read."""
+        payload = {"model_path": str(model_path), "flush_cache": flush_cache}
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        return await self._update("/update_weights_from_disk", payload)
+
+    async def aupdate_weights_from_tensor(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, flush_cache: bool = True,
+        weight_version: str | None = None,
+    ) -> dict:
+        """Load some weights (HF names) sent in the request body.
+
+        The format follows the server: the embedded engine advertises `safetensors_b64` in
+        /get_server_info (the tensors travel base64-encoded in the JSON); a real SGLang gets
+        its own format, a base64 ForkingPickler dump per TP rank, which carries CUDA IPC
+        handles and so works only from the same node (as in slime and verl).
+        """
+        info = await self.aserver_info()
+        named = list(named_tensors)
+        payload: dict[str, Any] = {"flush_cache": flush_cache}
+        if SAFETENSORS_B64 in info.get("update_weights_from_tensor_formats", []):
+            payload["load_format"] = SAFETENSORS_B64
+            payload["serialized_named_tensors"] = [_safetensors_b64(named)]
+        else:
+            payload["serialized_named_tensors"] = [_sglang_pickle_b64(named)] * int(
+                info.get("tp_size", 1))
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        return await self._update("/update_weights_from_tensor", payload)
+
+    async def ainit_weights_update_group(self, master_address: str, master_port: int,
+                                         rank_offset: int, world_size: int, *,
+                                         group_name: str = "weight_update_group",
+                                         backend: str = "nccl") -> dict:
+        """Ask the server to join a process group with the trainer (rank 0 = the trainer)."""
+        payload = {"master_address": master_address, "master_port": int(master_port),
+                   "rank_offset": int(rank_offset), "world_size": int(world_size),
+                   "group_name": group_name, "backend": backend}
+        return await self._update("/init_weights_update_group", payload, retries=0)
+
+    async def aupdate_weights_from_distributed(
+        self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]], *,
+        group_name: str = "weight_update_group", flush_cache: bool = True,
+        weight_version: str | None = None,
+    ) -> dict:
+        """Announce tensors that the trainer then broadcasts from rank 0 of the group."""
+        payload = {"names": list(names), "dtypes": list(dtypes),
+                   "shapes": [list(map(int, s)) for s in shapes], "group_name": group_name,
+                   "flush_cache": flush_cache}
+        if weight_version is not None:
+            payload["weight_version"] = weight_version
+        return await self._update("/update_weights_from_distributed", payload, retries=0)
+
+    # -- blocking twins -------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 sampling: SamplingParams) -> list[Generation]:
+        """Blocking `agenerate`."""
+        return run_sync(self.agenerate(prompts, sampling))
+
+    def score(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
+              top_k: int = 0) -> list[Scores]:
+        """Blocking `ascore`."""
+        return run_sync(self.ascore(sequences, response_starts, top_k))
+
+    def health(self) -> bool:
+        """Blocking `ahealth`."""
+        return run_sync(self.ahealth())
+
+    def model_info(self) -> dict:
+        """Blocking `amodel_info`."""
+        return run_sync(self.amodel_info())
+
+    def server_info(self) -> dict:
+        """Blocking `aserver_info`."""
+        return run_sync(self.aserver_info())
+
+    def flush_cache(self) -> None:
+        """Blocking `aflush_cache`."""
+        return run_sync(self.aflush_cache())
+
+    def update_weights_from_disk(self, model_path: str, **kw: Any) -> dict:
+        """Blocking `aupdate_weights_from_disk`."""
+        return run_sync(self.aupdate_weights_from_disk(model_path, **kw))
+
+    def update_weights_from_tensor(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                                   **kw: Any) -> dict:
+        """Blocking `aupdate_weights_from_tensor`."""
+        return run_sync(self.aupdate_weights_from_tensor(named_tensors, **kw))
+
+    def init_weights_update_group(self, *args: Any, **kw: Any) -> dict:
+        """Blocking `ainit_weights_update_group`."""
+        return run_sync(self.ainit_weights_update_group(*args, **kw))
+
+    def update_weights_from_distributed(self, *args: Any, **kw: Any) -> dict:
+        """Blocking `aupdate_weights_from_distributed`."""
+        return run_sync(self.aupdate_weights_from_distributed(*args, **kw))
+
+
+def _safetensors_b64(named: list[tuple[str, torch.Tensor]]) -> str:
+    from safetensors.torch import save
+
+    tensors = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+               for name, t in named}  # contiguous, no shared storage
+    return base64.b64encode(save(tensors)).decode("ascii")
+
+
+def _sglang_pickle_b64(named: list[tuple[str, torch.Tensor]]) -> str:
+    """SGLang's `MultiprocessingSerializer.serialize(named, output_str=True)` format."""
+    try:
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+    except ImportError:  # no sglang in this process: the same bytes by hand
+        from multiprocessing.reduction import ForkingPickler
+
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump(named)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+    monkey_patch_torch_reductions()  # CUDA tensors are then pickled by device UUID
+    return MultiprocessingSerializer.serialize(named, output_str=True)

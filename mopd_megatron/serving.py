@@ -1,0 +1,51 @@
+"""The loop's serving side: rollout engine, domain teachers and weight sync, started together.
+
+Owned by global rank 0. The rollout engine serves the student (its HF folder at start, then
+the weights pushed after every step); each teacher serves its own folder. `rollout.engine:
+local` runs the embedded CPU engine, `sglang` launches SGLang servers, `url` attaches to
+running ones; nothing else in the loop changes.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Recipe
+from .rollout.client import EngineClient
+from .rollout.sglang import start_engine
+from .sync import make_weight_sync
+from .teachers import TeacherPool
+
+STARTUP_TIMEOUT_S = 900.0
+
+
+@dataclass
+class Serving:
+    rollout: EngineClient
+    teachers: TeacherPool
+    weight_sync: object
+    """Has `push(buckets, weight_version)` (tensor, disk or distributed sync)."""
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.teachers.names)
+
+
+@contextmanager
+def start_serving(recipe: Recipe, run_dir: Path):
+    """Start (or attach to) every engine the recipe names; stop them all on exit."""
+    log_dir = Path(run_dir) / "logs"
+    with ExitStack() as stack:
+        # The rollout engine starts while the teachers start; both are healthy past this block.
+        rollout = stack.enter_context(
+            start_engine(recipe.rollout, recipe.model.hf_path, log_dir, name="rollout", wait=False)
+        )
+        teachers = stack.enter_context(
+            TeacherPool.start(recipe.teachers, recipe.model.hf_path, log_dir)
+        )
+        rollout.wait_healthy(STARTUP_TIMEOUT_S)
+        sync = make_weight_sync(recipe.rollout, rollout.client, template_dir=recipe.model.hf_path,
+                                work_dir=run_dir)
+        yield Serving(rollout.client, teachers, sync)

@@ -1,0 +1,80 @@
+"""What the loop logs: per-step scalars from the step's metric sums, and the final report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .config import Recipe
+from .report import normalized_scores, write_report
+from .trajectory import Trajectory
+
+
+def _ratio(num, den) -> float:
+    den = float(den)
+    return float(num) / den if den else 0.0
+
+
+def step_scalars(
+    metrics: dict, trajectories: list[Trajectory], domains: list[str], times: dict, gap
+) -> dict[str, float]:
+    """TensorBoard scalars of one step (metric sums -> means; per domain and per phase)."""
+    tokens = metrics["tokens"]
+    out = {
+        "loss": float(metrics["loss"]),
+        "grad_norm": float(metrics.get("grad_norm", 0.0)),
+        "lr": float(metrics.get("lr", 0.0)),
+        "kl/mean": _ratio(metrics["kl_sum"], tokens),
+        "entropy": _ratio(metrics["entropy_sum"], tokens),
+        "icepop/gated": _ratio(metrics["icepop_gated"], tokens),
+        "adv/mean": _ratio(metrics["adv_sum"], tokens),
+    }
+    out["adv/std"] = math.sqrt(max(_ratio(metrics["adv_sq_sum"], tokens) - out["adv/mean"] ** 2, 0))
+    for i, domain in enumerate(domains):
+        if float(metrics.get(f"tokens/{i}", 0)):
+            out[f"kl/{domain}"] = _ratio(metrics[f"kl_sum/{i}"], metrics[f"tokens/{i}"])
+        rewards = [t.reward for t in trajectories if t.domain == domain]
+        if rewards:
+            out[f"reward/{domain}"] = sum(rewards) / len(rewards)
+    out["reward/mean"] = sum(t.reward for t in trajectories) / len(trajectories)
+    generated = sum(t.num_generated for t in trajectories)
+    out["response_length"] = generated / len(trajectories)
+    out.update({f"time/{phase}": seconds for phase, seconds in times.items()})
+    out["throughput/samples_per_s"] = len(trajectories) / sum(times.values())
+    out["throughput/generated_tokens_per_s"] = generated / max(times["rollout"], 1e-9)
+    if gap is not None:
+        out["sync/logprob_gap"] = float(gap)
+    return out
+
+
+def write_final_report(
+    run_dir: Path, recipe: Recipe, before: dict | None, after: dict | None,
+    teacher_scores: dict[str, dict[str, float]], hf_dir: Path | None, wall_seconds: float,
+) -> Path | None:
+    """report.md + plots + scores.json: student before/after and each domain's teacher."""
+    if not after:
+        return None
+    teacher_row = {d: s for scores in teacher_scores.values() for d, s in scores.items()}
+    scores = {"student before": before, "domain teacher": teacher_row, "student after": after}
+    scores = {k: v for k, v in scores.items() if v and set(v) >= set(after)}
+    normalized = None
+    if before and set(teacher_row) >= set(after):
+        normalized = normalized_scores(before, teacher_row, after)
+    (Path(run_dir) / "scores.json").write_text(
+        json.dumps({"scores": scores, "normalized": normalized}, indent=2)
+    )
+    p = recipe.parallel
+    facts = {
+        "recipe": recipe.source,
+        "student": recipe.model.hf_path,
+        "layout": f"tp={p.tp} pp={p.pp} ep={p.ep} (sp={p.use_sequence_parallel})",
+        "loss": f"{recipe.algorithm.loss} (orm_coef={recipe.algorithm.orm_coef})",
+        "steps": f"{recipe.train.steps} x {recipe.data.prompts_per_step} prompts x "
+                 f"{recipe.rollout.n_samples_per_prompt} samples",
+        "wall time": f"{wall_seconds / 60:.1f} min",
+        "final student (HF)": str(hf_dir),
+        "TensorBoard": f"tensorboard --logdir {Path(run_dir) / 'tensorboard'}",
+    }
+    return write_report(run_dir, title="MOPD: held-out accuracy per domain", scores=scores,
+                        normalized=normalized, facts=facts)
