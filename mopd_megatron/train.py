@@ -33,12 +33,14 @@ from .rollout.transport import run_sync
 from .rollout.types import SamplingParams
 from .serving import start_serving
 from .student.checkpoint import load_checkpoint, save_checkpoint
+from .student.local_teacher import LocalTeachers
 from .student.model import build_student
 from .student.optimizer import setup_optimizer
 from .student.parallel import init_parallel, teardown_parallel
 from .student.train_step import slice_for_data_parallel, train_step
 from .summary import step_scalars, write_final_report
 from .sync.student import probe_sync_gap, push_student_weights
+from .teachers import teacher_for
 from .tracking import RunTracker
 
 PROBE_SEQUENCES = 4
@@ -86,6 +88,9 @@ def train(recipe: Recipe) -> Path:
         mopd_loss, cfg=a, tp_group=parallel_state.get_tensor_model_parallel_group(),
         vocab_size=spec.vocab_size, temperature=r.temperature, num_domains=len(domains),
     )
+    if a.loss in ("full_rkl", "forward_kl"):  # teacher logits at the student's layout
+        paths = {i: teacher_for(recipe.teachers, d).model_path for i, d in enumerate(domains)}
+        loss_fn = LocalTeachers(paths, recipe.model, recipe.parallel).wrap(loss_fn)
     sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens)
     # A top-k at least the vocabulary is the whole teacher distribution (exact reverse KL).
     teacher_top_k = min(a.topk, spec.vocab_size) if a.loss == "topk" else 0

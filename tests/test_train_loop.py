@@ -1,6 +1,6 @@
 """The MOPD loop end to end on CPU: Megatron student at EP2 over gloo, embedded engines over
 HTTP. A killed run resumes from its last checkpoint and reproduces the uninterrupted run's
-losses bit for bit."""
+losses bit for bit; another layout with another loss path gives the same losses."""
 
 import json
 import os
@@ -20,7 +20,7 @@ from tiny_models import make_tiny_hf_model
 
 RECIPE = """
 model: {{hf_path: {root}/student}}
-parallel: {{tp: 1, ep: 2, micro_batch_size: 4}}
+parallel: {{tp: {tp}, ep: {ep}, micro_batch_size: 4}}
 rollout: {{engine: local, max_new_tokens: 6, batch_size: 8, max_concurrency: 1}}
 teachers:
   top_k: 64
@@ -31,7 +31,7 @@ algorithm: {{loss: {loss}}}
 data: {{train_files: [{root}/train.jsonl], eval_files: [{root}/test.jsonl], prompts_per_step: 16}}
 checkpoint: {{save_interval: 1, keep_last: 2}}
 logging: {{dir: {run}}}
-train: {{steps: 4}}
+train: {{steps: {steps}}}
 """
 
 
@@ -47,9 +47,9 @@ def world(tmp_path_factory):
     return root
 
 
-def _train_command(world, run, loss="topk"):
+def _train_command(world, run, loss="topk", tp=1, ep=2, steps=4):
     recipe = run.parent / f"{run.name}.yaml"
-    recipe.write_text(RECIPE.format(root=world, run=run, loss=loss))
+    recipe.write_text(RECIPE.format(root=world, run=run, loss=loss, tp=tp, ep=ep, steps=steps))
     return [sys.executable, "-m", "mopd_megatron.cli", "train", str(recipe)]
 
 
@@ -63,9 +63,16 @@ def _losses(run) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows}
 
 
-def test_loop_writes_logs_report_and_export(world, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def reference_run(world, tmp_path_factory):
+    """Four uninterrupted steps at EP2 with the teacher top-k loss."""
+    run = tmp_path_factory.mktemp("reference") / "run"
     subprocess.run(_train_command(world, run), env=_env(), check=True, timeout=300)
+    return run
+
+
+def test_loop_writes_logs_report_and_export(reference_run):
+    run = reference_run
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["sync/logprob_gap"] < 1e-4 for r in rows)  # engine == trainer after each sync
@@ -79,10 +86,7 @@ def test_loop_writes_logs_report_and_export(world, tmp_path):
     assert torch.isfinite(exported(torch.tensor([[1, 5, 6]])).logits).all()
 
 
-def test_killed_run_resumes_bit_exactly(world, tmp_path):
-    reference = tmp_path / "reference"
-    subprocess.run(_train_command(world, reference), env=_env(), check=True, timeout=300)
-
+def test_killed_run_resumes_bit_exactly(world, reference_run, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen(_train_command(world, run), env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -97,6 +101,17 @@ def test_killed_run_resumes_bit_exactly(world, tmp_path):
     assert resumed_from < 4, "the run finished before it could be killed"
 
     subprocess.run(_train_command(world, run), env=_env(), check=True, timeout=300)
-    expected, got = _losses(reference), _losses(run)
+    expected, got = _losses(reference_run), _losses(run)
     for step in range(resumed_from + 1, 5):
         assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+
+
+def test_other_layout_and_exact_kl_path_give_the_same_losses(world, reference_run, tmp_path):
+    """TP2+SP with the local Megatron teachers' full-vocabulary reverse KL equals EP2 with the
+    served teachers' top-64 (= whole 42-token vocabulary) loss: same rollouts, same math."""
+    run = tmp_path / "tp2"
+    command = _train_command(world, run, loss="full_rkl", tp=2, ep=1, steps=2)
+    subprocess.run(command, env=_env(), check=True, timeout=300)
+    expected, got = _losses(reference_run), _losses(run)
+    for step in (1, 2):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)

@@ -1,5 +1,5 @@
 """Teacher stage: per-domain teacher servers that score the student's tokens (prefill only)."""
 
-from mopd_megatron.teachers.pool import TeacherPool, check_vocabulary
+from mopd_megatron.teachers.pool import TeacherPool, check_vocabulary, teacher_for
 
-__all__ = ["TeacherPool", "check_vocabulary"]
+__all__ = ["TeacherPool", "check_vocabulary", "teacher_for"]

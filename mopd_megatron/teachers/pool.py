@@ -69,6 +69,25 @@ def _endpoint(cfg: TeacherConfig) -> str:
     return f"{cfg.engine}:{Path(cfg.model_path).resolve()}"
 
 
+def resolve_route(routes: dict[str, str], default: str | None, domain: str) -> str:
+    """Hard routing: the teacher named for `domain`, else the default.
+
+    Raises:
+        ValueError: The domain has no teacher and there is no default.
+    """
+    name = routes.get(domain, default)
+    if name is None:
+        raise ValueError(f"no teacher for domain {domain!r}: known domains are "
+                         f"{sorted(routes)} and teachers.default is not set")
+    return name
+
+
+def teacher_for(cfg: TeachersConfig, domain: str) -> TeacherConfig:
+    """The recipe entry of the teacher that scores `domain`."""
+    name = resolve_route({d: t.name for t in cfg.teachers for d in t.domains}, cfg.default, domain)
+    return next(t for t in cfg.teachers if t.name == name)
+
+
 class TeacherPool:
     """Domain -> teacher routing over one client per distinct teacher server.
 
@@ -139,16 +158,8 @@ class TeacherPool:
         return self.clients[name]
 
     def route(self, domain: str) -> str:
-        """The name of the teacher that scores `domain`.
-
-        Raises:
-            ValueError: The domain has no teacher and there is no default.
-        """
-        name = self.routes.get(domain, self.default)
-        if name is None:
-            raise ValueError(f"no teacher for domain {domain!r}: known domains are "
-                           f"{sorted(self.routes)} and teachers.default is not set")
-        return name
+        """The name of the teacher that scores `domain` (see `resolve_route`)."""
+        return resolve_route(self.routes, self.default, domain)
 
     async def ascore(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
                      domains: Sequence[str], top_k: int | None = None) -> list[Scores]:
