@@ -10,6 +10,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from .config import RecipeError
 
@@ -53,7 +54,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         layout = ParallelConfig(tp=args.tp, pp=args.pp, ep=args.ep)
         convert.hf_to_megatron(args.hf_path, args.megatron_path, layout)
     else:
-        convert.megatron_to_hf(args.megatron_path, args.hf_path)
+        ckpt = Path(args.megatron_path)
+        # A training run keeps one hf_config/ beside its iter_*/ checkpoints.
+        config = args.hf_config or next(
+            (d for d in (ckpt / convert.HF_CONFIG_DIR, ckpt.parent / convert.HF_CONFIG_DIR)
+             if d.is_dir()), None)
+        convert.megatron_to_hf(ckpt, args.hf_path, hf_config_dir=config)
     return 0
 
 
@@ -78,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
     convert.add_argument("--hf-path", required=True)
     convert.add_argument("--megatron-path", required=True)
+    convert.add_argument("--hf-config", default=None,
+                         help="megatron-to-hf: folder with config.json + tokenizer (default: "
+                              "the checkpoint's hf_config/, or its parent's)")
     convert.add_argument("--tp", type=int, default=1)
     convert.add_argument("--pp", type=int, default=1)
     convert.add_argument("--ep", type=int, default=1)
@@ -85,12 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Bad input that deserves a one-line message rather than a traceback."""
+    from .data import PromptDataError
+    from .hf.safetensors_io import HFCheckpointError
+    from .hf.spec import HFConfigError
+    from .rollout.transport import EngineError
+
+    return RecipeError, HFConfigError, HFCheckpointError, PromptDataError, EngineError, \
+        FileNotFoundError
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return args.func(args)
-    except (RecipeError, FileNotFoundError) as err:
+    except _user_errors() as err:
         print(f"mopd-megatron {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -25,7 +25,8 @@ from transformers import AutoTokenizer
 from .collect import RolloutSettings, collect_trajectories, evaluate_engine
 from .config import Recipe, to_dict
 from .data import DomainMixSampler, load_prompts, tokenize_records
-from .hf.convert import save_hf_checkpoint
+from .hf.convert import HF_CONFIG_DIR, save_hf_checkpoint
+from .hf.safetensors_io import copy_hf_metadata
 from .hf.spec import read_hf_config
 from .mopd.batch import build_batch
 from .mopd.losses import mopd_loss
@@ -77,6 +78,8 @@ def train(recipe: Recipe) -> Path:
                                recipe.data.domain_weights, recipe.train.seed)
     ckpt = recipe.checkpoint
     ckpt_root = Path(ckpt.dir or run_dir / "checkpoints")
+    if leader:  # makes every iter_*/ convertible with `mopd-megatron convert megatron-to-hf`
+        copy_hf_metadata(recipe.model.hf_path, ckpt_root / HF_CONFIG_DIR)
     resumed = load_checkpoint(ckpt_root, model, optimizer, scheduler) if ckpt.resume else None
     start_step = resumed["step"] if resumed else 0
     before = resumed.get("before") if resumed else None
