@@ -12,6 +12,10 @@ hn = head_dim, I = MLP width, V = vocabulary, and T = the shard count (TP or exp
   (attention output, fc2) on dim 1; everything else is replicated.
 - Vocabulary rows are zero-padded to a multiple of `make_vocab_size_divisible_by * TP`.
 - Experts: EP rank r holds the global experts [r E/EP, (r+1) E/EP) as local 0..E/EP-1.
+- MLA RoPE rows: Megatron's MLA de-interleaves the d RoPE dims of q and k (`rope_utils`,
+  `multi_latent_attention=True`: x[0::2], x[1::2]) before rotating halves, so DeepSeek's
+  interleaved-pair weights load as they are; a checkpoint with `rope_interleave: false` (halves)
+  gets its RoPE rows re-ordered as pairs (`rope_halves_to_pairs`) on import.
 """
 
 from __future__ import annotations
@@ -54,6 +58,35 @@ def split_qkv(
         k.reshape(-1, *rest).contiguous(),
         v.reshape(-1, *rest).contiguous(),
     )
+
+
+def rope_halves_to_pairs(weight: torch.Tensor, block: int, rope_dim: int) -> torch.Tensor:
+    """Re-order the RoPE rows of each `block`-row group from halves to interleaved pairs.
+
+    Args:
+        weight: [n * block, ...]; the last `rope_dim` rows of every block are RoPE rows laid
+            out as halves [a_0 .. a_{d/2-1}, b_0 .. b_{d/2-1}] (a_i, b_i rotate together).
+        block: rows per group (per head for q: qk_nope + qk_rope; kv_lora + qk_rope for kv).
+        rope_dim: d.
+
+    Returns:
+        The same rows with each RoPE part as pairs [a_0, b_0, a_1, b_1, ...].
+    """
+    head, rope = _rope_split(weight, block, rope_dim)
+    rope = rope.unflatten(1, (2, rope_dim // 2)).transpose(1, 2).flatten(1, 2)
+    return torch.cat([head, rope], dim=1).reshape(weight.shape)
+
+
+def rope_pairs_to_halves(weight: torch.Tensor, block: int, rope_dim: int) -> torch.Tensor:
+    """Inverse of `rope_halves_to_pairs`."""
+    head, rope = _rope_split(weight, block, rope_dim)
+    rope = rope.unflatten(1, (rope_dim // 2, 2)).transpose(1, 2).flatten(1, 2)
+    return torch.cat([head, rope], dim=1).reshape(weight.shape)
+
+
+def _rope_split(weight: torch.Tensor, block: int, rope_dim: int):
+    grouped = weight.reshape(-1, block, *weight.shape[1:])
+    return grouped.split([block - rope_dim, rope_dim], dim=1)
 
 
 def split_tp(

@@ -9,6 +9,9 @@ All ranks must iterate it together (it runs collectives). Shards are all-gathere
 the other stages, so **every rank yields the same buckets, in the same order, holding full
 HF tensors** (on the parameters' device, in their dtype; padded vocabulary rows removed; no
 `lm_head.weight` for tied embeddings). A bucket closes before it would pass `bucket_bytes`.
+
+Persistent buffers travel like parameters: the MoE router's `expert_bias` (DeepSeek-V3's
+`e_score_correction_bias`) is kept in fp32 by Megatron even in a bf16 model, and so exported.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from mopd_megatron.hf.layout import (
     merge_qkv,
     merge_tp,
     pad_vocab,
+    rope_halves_to_pairs,
+    rope_pairs_to_halves,
     split_qkv,
     split_tp,
     truncate_vocab,
@@ -42,7 +47,8 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 def global_named_parameters(
     chunks: list[torch.nn.Module], spec: HFModelSpec, ep_rank: int | None = None
 ) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """This rank's parameters under global names (global layer index and expert id).
+    """This rank's parameters and persistent buffers under global names (global layer index
+    and expert id).
 
     Args:
         chunks: the model chunks of this rank.
@@ -58,7 +64,9 @@ def global_named_parameters(
     for chunk in chunks:
         model = unwrap(chunk)
         numbers = [layer.layer_number for layer in model.decoder.layers]
-        for name, param in model.named_parameters():
+        persistent = model.state_dict(keep_vars=True)
+        buffers = [(n, b) for n, b in model.named_buffers() if n in persistent]
+        for name, param in [*model.named_parameters(), *buffers]:
             yield global_param_name(name, numbers, ep_rank * per_rank), param
 
 
@@ -95,6 +103,10 @@ def load_hf_weights(
     """
     spec = spec or read_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
+    for chunk in chunks:  # a bf16 model's router expert bias is bf16 until its first forward
+        for module in unwrap(chunk).modules():
+            if hasattr(module, "_maintain_float32_expert_bias"):
+                module._maintain_float32_expert_bias()
     for name, param in global_named_parameters(chunks, spec):
         pmap = hf_param_map(name, spec)
         tensors = [reader.get(n) for n in pmap.hf_names]
@@ -125,6 +137,8 @@ def _to_megatron(
         return merge_qkv(*tensors, spec.num_key_value_heads)
     if pmap.fuse == "gate_up":
         return torch.cat(tensors, dim=0)
+    if pmap.rope_halves:
+        return rope_halves_to_pairs(tensors[0], *pmap.rope_halves)
     return pad_vocab(tensors[0], padded_rows) if pmap.vocab else tensors[0]
 
 
@@ -133,6 +147,8 @@ def _to_hf(full: torch.Tensor, pmap: ParamMap, spec: HFModelSpec) -> list[tuple[
         parts = split_qkv(full, spec.num_key_value_heads, spec.num_attention_heads)
     elif pmap.fuse == "gate_up":
         parts = full.chunk(2, dim=0)
+    elif pmap.rope_halves:
+        parts = [rope_pairs_to_halves(full, *pmap.rope_halves)]
     else:
         parts = [truncate_vocab(full, spec.vocab_size) if pmap.vocab else full]
     return list(zip(pmap.hf_names, parts))

@@ -5,8 +5,10 @@ A Megatron parameter is named globally here: the layer index is the global one
 naming flavours are accepted: the local spec (`input_layernorm`, `pre_mlp_layernorm`,
 `experts.local_experts.{e}.linear_fc1.weight`) and the Transformer Engine spec (norms fused
 into `linear_qkv` / `linear_fc1` as `layer_norm_weight`, grouped experts
-`experts.linear_fc1.weight{e}`). HF names are those of transformers' Qwen3 / Qwen3-MoE with
-classic per-expert keys; `hf.safetensors_io` also reads the fused expert layout.
+`experts.linear_fc1.weight{e}`). HF names are those of transformers' Qwen3 / Qwen3-MoE /
+DeepSeek-V3 with classic per-expert keys; `hf.safetensors_io` also reads the fused expert layout.
+The DeepSeek-V3 rows (MLA attention, shared experts, router expert bias) are in
+`hf.names_deepseek`; its dense first layers use the dense-MLP rows here.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class ParamMap:
     """A routed-expert weight: split by expert-TP and owned by one EP rank."""
     vocab: bool = False
     """Vocabulary rows on dim 0: zero-padded to Megatron's padded size."""
+    rope_halves: tuple[int, int] | None = None
+    """(block, rope_dim): the HF RoPE rows are halves, Megatron's are interleaved pairs
+    (`layout.rope_halves_to_pairs`)."""
 
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
@@ -108,8 +113,20 @@ def hf_param_map(name: str, spec: HFModelSpec) -> ParamMap:
                 expert=True,
             )
         return ParamMap((f"{prefix}down_proj.weight",), tp_dim=1, expert=True)
+    from mopd_megatron.hf.names_deepseek import deepseek_moe_rows, mla_attention_rows
+
+    table = mla_attention_rows(hf, spec) if spec.is_mla else _gqa_attention_rows(hf)
+    table.update(_mlp_rows(hf))
+    table.update(deepseek_moe_rows(hf, spec))
+    if rest not in table:
+        raise KeyError(f"no HF mapping for Megatron parameter {name!r}")
+    return table[rest]
+
+
+def _gqa_attention_rows(hf: str) -> dict[str, ParamMap]:
+    """Qwen3 attention: fused grouped QKV, per-head q/k RMSNorm."""
     attn = f"{hf}self_attn."
-    table = {
+    return {
         "input_layernorm.weight": ParamMap((f"{hf}input_layernorm.weight",)),
         "self_attention.linear_qkv.layer_norm_weight": ParamMap((f"{hf}input_layernorm.weight",)),
         "self_attention.linear_qkv.weight": ParamMap(
@@ -120,6 +137,12 @@ def hf_param_map(name: str, spec: HFModelSpec) -> ParamMap:
         "self_attention.q_layernorm.weight": ParamMap((f"{attn}q_norm.weight",)),
         "self_attention.k_layernorm.weight": ParamMap((f"{attn}k_norm.weight",)),
         "self_attention.linear_proj.weight": ParamMap((f"{attn}o_proj.weight",), tp_dim=1),
+    }
+
+
+def _mlp_rows(hf: str) -> dict[str, ParamMap]:
+    """Dense MLP (with its pre-MLP norm in either spec) and the MoE router weight."""
+    return {
         "pre_mlp_layernorm.weight": ParamMap((f"{hf}post_attention_layernorm.weight",)),
         "mlp.linear_fc1.layer_norm_weight": ParamMap((f"{hf}post_attention_layernorm.weight",)),
         "mlp.linear_fc1.weight": ParamMap(
@@ -128,6 +151,3 @@ def hf_param_map(name: str, spec: HFModelSpec) -> ParamMap:
         "mlp.linear_fc2.weight": ParamMap((f"{hf}mlp.down_proj.weight",), tp_dim=1),
         "mlp.router.weight": ParamMap((f"{hf}mlp.gate.weight",)),
     }
-    if rest not in table:
-        raise KeyError(f"no HF mapping for Megatron parameter {name!r}")
-    return table[rest]

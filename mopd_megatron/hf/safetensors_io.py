@@ -4,7 +4,10 @@ Reading: one `model.safetensors`, or shards listed in `model.safetensors.index.j
 may be stored per expert (`mlp.experts.{e}.{gate,up,down}_proj.weight`, [I, H] / [H, I]) or
 fused per layer (`mlp.experts.gate_up_proj` [E, 2I, H] with gate rows first, and
 `mlp.experts.down_proj` [E, H, I]); callers always ask for per-expert names and only that
-expert's slice is read. A folder that mixes both layouts is rejected.
+expert's slice is read. A folder that mixes both layouts is rejected. Block-wise FP8 weights
+(DeepSeek-V3's release: float8_e4m3 `W` [M, N] plus fp32 `W_scale_inv` [ceil(M/bm), ceil(N/bn)],
+block size from config.json's `quantization_config.weight_block_size`) are dequantized on read
+to fp32, `W * scale_inv` per block; the scale tensors themselves are never asked for.
 
 Writing: buckets of (HF name, tensor) become safetensors shards of bounded size, an index,
 and copies of the source folder's other files (config.json, tokenizer, generation config).
@@ -27,6 +30,7 @@ SINGLE = "model.safetensors"
 _PER_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight")
 _FUSED = re.compile(r".*\.mlp\.experts\.(gate_up_proj|down_proj)")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class HFCheckpointError(ValueError):
@@ -66,15 +70,25 @@ class HFCheckpointReader:
                 "keys (mlp.experts.gate_up_proj / down_proj); convert it to one layout"
             )
         self._handles: dict[Path, object] = {}
+        self.fp8_block = _fp8_block(self.dir / "config.json")
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor named `name` (per-expert naming for experts in either layout).
+        """The tensor named `name` (per-expert naming for experts in either layout; FP8
+        weights dequantized to fp32).
 
         Raises:
-            HFCheckpointError: the tensor is not in the folder.
+            HFCheckpointError: the tensor is not in the folder, or an FP8 weight has no scale.
         """
         if name in self.files:
-            return self._open(name).get_tensor(name)
+            tensor = self._open(name).get_tensor(name)
+            if tensor.dtype not in _FP8:
+                return tensor
+            scale = f"{name}_scale_inv"
+            if scale not in self.files:
+                raise HFCheckpointError(
+                    f"{self.file_of(name)}: FP8 tensor {name!r} has no {scale!r} to dequantize it"
+                )
+            return dequantize_fp8(tensor, self._open(scale).get_tensor(scale), self.fp8_block)
         expert = _PER_EXPERT.fullmatch(name) if self.fused else None
         if expert is None:
             raise HFCheckpointError(f"{self.source}: tensor {name!r} not found")
@@ -86,6 +100,8 @@ class HFCheckpointReader:
         e = int(e)
         if e >= sliced.get_shape()[0]:
             raise HFCheckpointError(f"{self.file_of(name)}: {key!r} has no expert {e}")
+        if sliced.get_dtype().startswith("F8"):
+            raise HFCheckpointError(f"{self.source}: FP8 fused experts ({key!r}) are not supported")
         if proj == "down":
             return sliced[e]
         width = sliced.get_shape()[1] // 2
@@ -109,6 +125,38 @@ class HFCheckpointReader:
         if path not in self._handles:
             self._handles[path] = safe_open(path, "pt")
         return self._handles[path]
+
+
+def _fp8_block(config: Path) -> tuple[int, int]:
+    """config.json's `quantization_config.weight_block_size` (DeepSeek's 128 x 128 if unset)."""
+    try:
+        quant = json.loads(config.read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        quant = {}
+    return tuple(quant.get("weight_block_size") or (128, 128))
+
+
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """Block-wise FP8 -> fp32: each (bm, bn) block of `weight` times its `scale_inv` entry.
+
+    Args:
+        weight: [M, N] float8.
+        scale_inv: [ceil(M / bm), ceil(N / bn)].
+        block: (bm, bn).
+
+    Returns:
+        [M, N] float32.
+    """
+    (rows, cols), (bm, bn) = weight.shape, block
+    if tuple(scale_inv.shape) != (-(-rows // bm), -(-cols // bn)):
+        raise HFCheckpointError(
+            f"FP8 scale of shape {tuple(scale_inv.shape)} does not fit a {rows}x{cols} weight "
+            f"in {bm}x{bn} blocks"
+        )
+    scale = scale_inv.float().repeat_interleave(bm, 0)[:rows].repeat_interleave(bn, 1)[:, :cols]
+    return weight.float() * scale
 
 
 def write_hf_folder(
@@ -172,7 +220,8 @@ def copy_hf_metadata(
     Args:
         source_dir: the HF folder.
         out_dir: destination (created).
-        dtype: when given, config.json's `dtype` / `torch_dtype` is set to it.
+        dtype: when given, config.json's `dtype` / `torch_dtype` is set to it and its
+            `quantization_config` dropped (the written weights are not quantized).
     """
     source_dir, out_dir = Path(source_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,4 +241,5 @@ def copy_hf_metadata(
         for key in ("dtype", "torch_dtype"):
             if key in config or (key == "dtype" and "torch_dtype" not in config):
                 config[key] = name
+        config.pop("quantization_config", None)
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -15,9 +15,13 @@ no-op when a CUDA device exists, and idempotent otherwise. It installs, in order
 7. a global `TorchFunctionMode` mapping `device="cuda"`, `.cuda()` and `.to("cuda")` to CPU,
    kept on through backward passes, and `torch.cuda.synchronize` as a no-op (pipeline
    schedules, p2p, the default causal mask, activation recompute);
-8. gradient clipping by total norm without the CUDA-only multi-tensor kernels.
+8. gradient clipping by total norm without the CUDA-only multi-tensor kernels;
+9. `multi_latent_attention.HAVE_TE = False` when Transformer Engine is absent: 0.16.1 imports
+   `megatron.core.extensions.transformer_engine`, whose TE classes are then `MagicMock`s, so
+   `HAVE_TE` is True and `isinstance(self.linear_proj, TELinear)` raises a TypeError when an
+   MLA layer is built (`MultiLatentAttention.__init__`).
 
-Patches 1-8 are installed together: each is harmless where it is not needed.
+Patches 1-9 are installed together: each is harmless where it is not needed.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def apply_cpu_patches() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     _install_streams()
     _install_moe_fixes()
+    _install_mla_fix()
     _install_sequence_parallel_norm()
     torch.cuda.synchronize = lambda *args, **kwargs: None
     _STATE["mode"] = _CudaToCpuMode()
@@ -168,6 +173,18 @@ def _install_moe_fixes() -> None:
         moe_utils.te_general_gemm = None
     moe_utils.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
+
+
+# 9. MLA without Transformer Engine -------------------------------------------------------
+
+
+def _install_mla_fix() -> None:
+    import importlib.util
+
+    from megatron.core.transformer import multi_latent_attention
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        multi_latent_attention.HAVE_TE = False
 
 
 # 5. Sequence-parallel norm ---------------------------------------------------------------

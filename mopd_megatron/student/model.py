@@ -1,4 +1,5 @@
-"""Student stage: build the Megatron-Core `GPTModel` student from an HF Qwen3 / Qwen3-MoE config.
+"""Student stage: build the Megatron-Core `GPTModel` student from an HF Qwen3 / Qwen3-MoE /
+DeepSeek-V3 config.
 
 `HFModelSpec` + `ModelConfig` + `ParallelConfig` -> `TransformerConfig` + layer spec ->
 one `GPTModel` per virtual pipeline stage on this rank (wrapped in `Float16Module` for bf16),
@@ -15,6 +16,8 @@ fc1, no linear biases. Routing: HF takes the top-k of softmax(logits) and renorm
 `norm_topk_prob`; Megatron with `moe_router_pre_softmax=False` takes softmax over the top-k
 logits, which is the same distribution, and with `pre_softmax=True` it takes the top-k of
 softmax(logits) without renormalising. Hence `moe_router_pre_softmax = not norm_topk_prob`.
+DeepSeek-V3 (MLA, dense first layers, shared experts, sigmoid routing with expert bias) adds
+the settings of `student.deepseek`; its layers are built from per-layer specs.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def transformer_config(
         A `megatron.core.transformer.TransformerConfig`.
     """
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
 
     dtype = torch.bfloat16 if model_cfg.dtype == "bfloat16" else torch.float32
     kwargs = {
@@ -97,14 +101,28 @@ def transformer_config(
             moe_router_load_balancing_type="aux_loss" if model_cfg.moe_aux_loss_coeff else "none",
             moe_grouped_gemm=use_transformer_engine(),
         )
+    if spec.is_mla:
+        from mopd_megatron.student.deepseek import deepseek_config_kwargs
+
+        if parallel_cfg.tp > 1 and not parallel_cfg.use_sequence_parallel:
+            raise RecipeError("MLA with tp > 1 needs parallel.sequence_parallel: true")
+        kwargs.update(deepseek_config_kwargs(spec))
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return (MLATransformerConfig if spec.is_mla else TransformerConfig)(**kwargs)
 
 
-def layer_spec(spec: HFModelSpec, config):
-    """The layer `ModuleSpec`: Transformer Engine when importable, else the local one."""
+def layer_spec(spec: HFModelSpec, config, vp_stage: int | None = None):
+    """The layer spec: Transformer Engine when importable, else the local one.
+
+    One `ModuleSpec` for all layers (Qwen3), or, for MLA models (whose dense first layers make
+    the block non-homogeneous), the block spec of this pipeline stage's layers.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if spec.is_mla:
+        from mopd_megatron.student.deepseek import mla_block_spec
+
+        return mla_block_spec(config, use_transformer_engine(), vp_stage)
     num_experts = spec.num_experts or None
     if use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
@@ -153,13 +171,12 @@ def build_model(
             f"divisible by tp = {tp}"
         )
     config = transformer_config(spec, model_cfg, parallel_cfg, **config_overrides)
-    layers = layer_spec(spec, config)
     chunks = []
     for vp_stage in range(parallel_cfg.vpp or 1):
         vp = vp_stage if parallel_cfg.vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layers,
+            transformer_layer_spec=layer_spec(spec, config, vp),
             vocab_size=padded_vocab,
             max_sequence_length=spec.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
