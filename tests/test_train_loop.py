@@ -25,8 +25,8 @@ rollout: {{engine: local, max_new_tokens: 6, batch_size: 8, max_concurrency: 1}}
 teachers:
   top_k: 64
   teachers:
-    - {{name: add-teacher, domains: [add], model_path: {root}/teacher_add}}
-    - {{name: rev-teacher, domains: [rev], model_path: {root}/teacher_rev}}
+    - {{name: add-teacher, domains: [add], model_path: {root}/teacher_add, max_concurrency: 1}}
+    - {{name: rev-teacher, domains: [rev], model_path: {root}/teacher_rev, max_concurrency: 1}}
 algorithm: {{loss: {loss}}}
 data: {{train_files: [{root}/train.jsonl], eval_files: [{root}/test.jsonl], prompts_per_step: 16}}
 checkpoint: {{save_interval: 1, keep_last: 2}}
@@ -87,6 +87,9 @@ def test_loop_writes_logs_report_and_export(reference_run):
 
 
 def test_killed_run_resumes_bit_exactly(world, reference_run, tmp_path):
+    """Bit-exact needs the engines to see the same batches as the original run: one request in
+    flight per engine (max_concurrency: 1), since the embedded engine merges concurrent
+    requests into one padded batch and a different batch shape changes the last float bits."""
     run = tmp_path / "killed"
     proc = subprocess.Popen(_train_command(world, run), env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
