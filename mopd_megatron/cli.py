@@ -1,4 +1,4 @@
-"""`mopd-megatron` command line: train, demo, convert.
+"""`mopd-megatron` command line: train, demo, convert, plan, launch.
 
 `train` starts torchrun by itself when the recipe's layout needs more than one rank and the
 command was not already launched by torchrun (or SLURM's srun through tools/launch).
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 from .config import RecipeError
+from .launch import cli as launch_cli
+from .plan import cli as plan_cli
 
 
 def _launched_by_torchrun() -> bool:
@@ -91,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pp", type=int, default=1)
     convert.add_argument("--ep", type=int, default=1)
     convert.set_defaults(func=cmd_convert)
+
+    plan_cli.add_parser(sub)
+    launch_cli.add_parser(sub)
     return parser
 
 

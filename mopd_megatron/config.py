@@ -169,6 +169,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+    """Shard the fp32 main weights and Adam moments over data-parallel ranks (Megatron's
+    distributed optimizer, NCCL only: it fails on gloo). The planner counts the memory it saves."""
 
 
 @dataclass
@@ -211,6 +214,68 @@ class TrainConfig:
 
 
 @dataclass
+class PortsConfig:
+    """TCP ports the launcher assigns; server i of the job uses base + 100 i."""
+
+    master: int = 29500
+    """torchrun rendezvous (MASTER_PORT) on the student's first node."""
+    engine: int = 30000
+    """HTTP port of SGLang server i (rollout first, then one per teacher model)."""
+    nccl: int = 40000
+    """SGLang's --nccl-port of server i (its tensor-parallel NCCL rendezvous)."""
+    dist_init: int = 50000
+    """A server spanning several nodes: its --dist-init-addr port on its first node."""
+    weight_sync: int = 29700
+    """Rendezvous of the distributed weight sync (sync_mode: distributed) on the student's
+    first node."""
+
+
+@dataclass
+class SlurmConfig:
+    """The `#SBATCH` header and srun options of `mopd-megatron launch RECIPE --slurm`."""
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = "04:00:00"
+    """Wall-clock limit (HH:MM:SS or D-HH:MM:SS)."""
+    job_name: str = "mopd"
+    hetjob: bool = False
+    """One heterogeneous-job component per node group (student, rollout, teachers) instead of
+    one allocation whose node list is split in order."""
+    exclusive: bool = True
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra `#SBATCH` options, e.g. ['--constraint=h100', '--mem=0']."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra srun options, e.g. ['--container-image=/images/mopd.sqsh'] (pyxis)."""
+
+
+@dataclass
+class LaunchConfig:
+    """Where the job runs: the cluster's nodes, GPUs, ports and scheduler settings.
+
+    The student's world size is `parallel.world_size` (0 = the fewest ranks the layout
+    needs); its ranks fill whole nodes. Each `sglang` engine (the rollout engine, and one per
+    distinct teacher model) becomes one SGLang server on tp * dp GPUs (tp with
+    --enable-dp-attention), on nodes of its own group.
+    """
+
+    gpus_per_node: int = 8
+    gpu_memory_gib: float = 80.0
+    """Memory of one GPU as nvidia-smi reports it (H100 80GB: 79.6, H200: 139.8)."""
+    memory_utilization: float = 0.9
+    """Fraction of a GPU the student may plan to fill; the rest covers the CUDA context, NCCL
+    buffers and allocator fragmentation."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines the sbatch script runs before srun (module load, source a venv); srun passes
+    the environment they leave to every node."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment of every process (NCCL_SOCKET_IFNAME, NCCL_IB_HCA, HF_HOME, ...)."""
+    ports: PortsConfig = field(default_factory=PortsConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -222,6 +287,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
     """Where the recipe came from (for error messages); not a YAML key."""
 

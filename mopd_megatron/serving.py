@@ -8,6 +8,7 @@ running ones; nothing else in the loop changes.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,10 @@ def start_serving(recipe: Recipe, run_dir: Path):
             TeacherPool.start(recipe.teachers, recipe.model.hf_path, log_dir)
         )
         rollout.wait_healthy(STARTUP_TIMEOUT_S)
-        sync = make_weight_sync(recipe.rollout, rollout.client, template_dir=recipe.model.hf_path,
-                                work_dir=run_dir)
+        sync = make_weight_sync(
+            recipe.rollout, rollout.client, template_dir=recipe.model.hf_path, work_dir=run_dir,
+            # The distributed path's rendezvous is on the student's first node.
+            master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=recipe.launch.ports.weight_sync,
+        )
         yield Serving(rollout.client, teachers, sync)

@@ -54,17 +54,23 @@ def mark_expert_params(module: torch.nn.Module) -> int:
     return count
 
 
-def wrap_ddp(model_chunks: list[torch.nn.Module]) -> list[DistributedDataParallel]:
+def wrap_ddp(
+    model_chunks: list[torch.nn.Module], distributed_optimizer: bool = False
+) -> list[DistributedDataParallel]:
     """Wrap each chunk in Megatron's DDP (fp32 grad buffers, synchronous reduction).
 
     Args:
         model_chunks: the student's chunks (one per virtual pipeline stage).
+        distributed_optimizer: lay the gradient buffers out for the distributed optimizer
+            (grads reduce-scattered over DP; NCCL only, it fails on gloo).
 
     Returns:
         The wrapped chunks, in order.
     """
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
     )
     wrapped = []
     for index, chunk in enumerate(model_chunks):
@@ -105,7 +111,7 @@ def build_optimizer(
         bf16=model_config.bf16,
         fp16=model_config.fp16,
         params_dtype=model_config.params_dtype,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
     )
     return get_megatron_optimizer(megatron_cfg, ddp_chunks)
 
@@ -152,6 +158,6 @@ def setup_optimizer(
     Returns:
         (DDP-wrapped chunks to train and checkpoint, optimizer, scheduler).
     """
-    ddp_chunks = wrap_ddp(model_chunks)
+    ddp_chunks = wrap_ddp(model_chunks, cfg.use_distributed_optimizer)
     optimizer = build_optimizer(ddp_chunks, cfg)
     return ddp_chunks, optimizer, build_scheduler(optimizer, cfg, total_steps)
