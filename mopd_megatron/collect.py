@@ -27,6 +27,8 @@ class RolloutSettings:
     chunk_size: int
     """Prompts per generation chunk (the unit of overlap with teacher scoring)."""
     teacher_top_k: int
+    use_teachers: bool = True
+    """False for the outcome-only (GRPO) baselines: no teacher is asked to score."""
 
 
 def _trajectory(gen: Generation, record: PromptRecord, group: int) -> Trajectory:
@@ -41,16 +43,19 @@ async def _collect_chunk(engine, teachers, tokenizer, records, groups, settings)
     generations = await engine.agenerate(prompts, settings.sampling)
     texts = tokenizer.batch_decode([g.output_ids for g in generations], skip_special_tokens=True)
     trajectories = [_trajectory(g, r, grp) for g, r, grp in zip(generations, records, groups)]
-    scores = await teachers.ascore(
-        [t.token_ids for t in trajectories],
-        [t.response_start for t in trajectories],
-        [t.domain for t in trajectories],
-        top_k=settings.teacher_top_k,
-    )
-    rewards = await asyncio.to_thread(score_batch, records, texts)
-    for traj, score, reward in zip(trajectories, scores, rewards):
-        start = traj.response_start
+    jobs = [asyncio.to_thread(score_batch, records, texts)]  # verifiers beside the teachers
+    if settings.use_teachers:
+        jobs.append(teachers.ascore(
+            [t.token_ids for t in trajectories],
+            [t.response_start for t in trajectories],
+            [t.domain for t in trajectories],
+            top_k=settings.teacher_top_k,
+        ))
+    rewards, *teacher_scores = await asyncio.gather(*jobs)
+    for traj, reward in zip(trajectories, rewards):
         traj.reward = reward
+    for traj, score in zip(trajectories, teacher_scores[0] if teacher_scores else []):
+        start = traj.response_start
         # Teachers score from the response start; earlier positions are never trained on.
         traj.teacher_logprobs = [0.0] * start + list(score.token_logprobs)
         if settings.teacher_top_k:

@@ -143,9 +143,10 @@ class TeachersConfig:
 
 @dataclass
 class AlgorithmConfig:
-    loss: Literal["pg", "topk", "full_rkl", "forward_kl"] = "pg"
+    loss: Literal["pg", "topk", "full_rkl", "forward_kl", "grpo"] = "pg"
     """pg = MOPD policy gradient on the sampled token (paper default); topk = corrected
-    teacher top-k reverse KL; full_rkl / forward_kl = exact full-vocabulary KL (local teacher)."""
+    teacher top-k reverse KL; full_rkl / forward_kl = exact full-vocabulary KL (local teacher);
+    grpo = outcome reward only, no teacher (the Mix-RL / Cascade-RL baselines)."""
     adv_clip: float = 5.0
     """A_max: the teacher advantage is clipped to [-A_max, A_max]."""
     orm_coef: float = 0.0
@@ -413,6 +414,11 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(
             f"{src}: IcePop bounds need 0 < algorithm.icepop_low < 1 < algorithm.icepop_high, "
             f"got [{a.icepop_low}, {a.icepop_high}]"
+        )
+    if a.loss == "grpo" and recipe.rollout.n_samples_per_prompt < 2:
+        raise RecipeError(
+            f"{src}: algorithm.loss 'grpo' needs rollout.n_samples_per_prompt >= 2 (its "
+            f"advantage compares the samples of one prompt), got {recipe.rollout.n_samples_per_prompt}"
         )
     if a.loss == "topk" and recipe.teachers.top_k < a.topk:
         raise RecipeError(

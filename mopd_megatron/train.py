@@ -112,7 +112,7 @@ def train(recipe: Recipe) -> Path:
             settings = RolloutSettings(
                 sampling=replace(sampling, sampling_seed=(recipe.train.seed << 40) + (step << 20)),
                 n_samples_per_prompt=r.n_samples_per_prompt, chunk_size=r.batch_size,
-                teacher_top_k=teacher_top_k,
+                teacher_top_k=teacher_top_k, use_teachers=a.loss != "grpo",
             )
             trajectories = _broadcast(run_sync(collect_trajectories(
                 serving.rollout, serving.teachers, tokenizer, records, settings)) if leader else None)

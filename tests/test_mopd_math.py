@@ -130,3 +130,21 @@ def test_topk_loss_with_whole_vocabulary_is_exact_reverse_kl():
     (grad,) = torch.autograd.grad(loss_sum, logits)
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(grad, expected_grad)
+
+
+def test_grpo_loss_uses_outcome_advantages_only():
+    vocab = 20
+    trajs = _trajectories(vocab)
+    for traj in trajs:
+        traj.teacher_logprobs = []  # the RL baselines query no teacher
+    batch = build_batch(trajs, pad_id=0, domains=["add", "rev"])
+    cfg = AlgorithmConfig(loss="grpo", icepop_low=1e-6, icepop_high=1e6)
+    logits = torch.randn(*batch["tokens"].shape, vocab, dtype=torch.float64, requires_grad=True)
+    loss_sum, n_seq, metrics = mopd_loss(logits, batch, cfg, vocab_size=vocab, num_domains=2)
+    logprob = torch.gather(F.log_softmax(logits, -1), -1, batch["targets"][..., None])[..., 0]
+    ratio = torch.exp(logprob.detach() - batch["behaviour_logprobs"])
+    mask = batch["loss_mask"]
+    per_token = -ratio * batch["orm_advantages"][:, None] * logprob
+    expected = ((per_token * mask).sum(-1) / mask.sum(-1)).sum()
+    torch.testing.assert_close(loss_sum, expected)
+    assert metrics["kl_sum"] == 0

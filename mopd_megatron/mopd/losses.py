@@ -13,6 +13,7 @@ result is the mean over sequences whatever the layout.
   outcome term −w_t·α·Â_ORM·log π_θ(y_t) when α > 0. With k ≥ |V| it is the exact reverse KL.
 - `full_rkl` / `forward_kl`: exact KL(π_θ‖π_T) / KL(π_T‖π_θ) over the whole vocabulary from a
   local teacher's logits at the student's TP layout, plus the same outcome term.
+- `grpo` (the RL baselines, no teacher): term_t = −w_t · Â_ORM · log π_θ(y_t).
 
 The vocabulary-wide quantities all come from `mopd_megatron.kernels`; nothing here gathers
 the vocabulary. Batch fields are aligned with the logits: position t holds the target
@@ -103,7 +104,11 @@ def mopd_loss(
     )
     weights = weights * mask
     orm = cfg.orm_coef * mb["orm_advantages"].float()[:, None]
-    if cfg.loss == "pg":
+    if cfg.loss == "grpo":
+        advantages = mb["orm_advantages"].float()[:, None].expand(b, s)
+        per_token = -weights * advantages * logprob
+        token_kl = torch.zeros_like(logprob)
+    elif cfg.loss == "pg":
         advantages = teacher_advantages(mb["teacher_logprobs"], logprob, cfg.adv_clip) + orm
         per_token = -weights * advantages * logprob
         token_kl = (logprob - mb["teacher_logprobs"]).detach()  # sampled-token estimate k1
