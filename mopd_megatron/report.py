@@ -46,9 +46,10 @@ def plot_domain_scores(scores: dict[str, dict[str, float]], path: Path, title: s
 
 
 def plot_history(history_file: Path, keys: list[str], path: Path) -> None:
-    """Curves of the named scalars from history.jsonl against the step."""
+    """Curves of the named scalars (and every held-out `eval/` score) against the step."""
     rows = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
-    keys = [k for k in keys if any(k in r for r in rows)]
+    evals = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    keys = [k for k in keys if any(k in r for r in rows)] + evals
     if not keys:
         return
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
@@ -75,8 +76,7 @@ def write_report(
     plot_domain_scores(scores, run_dir / "domain_scores.png", title)
     history = run_dir / "history.jsonl"
     if history.exists():
-        plot_history(history, ["loss", "kl/mean", "reward/mean", "eval/mean"],
-                     run_dir / "training_curves.png")
+        plot_history(history, ["loss", "kl/mean", "reward/mean"], run_dir / "training_curves.png")
     domains = list(next(iter(scores.values())))
     lines = [f"# {title}", "", "| | " + " | ".join(domains) + " |",
              "|---|" + "---:|" * len(domains)]
