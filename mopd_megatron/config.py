@@ -307,7 +307,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: expected a mapping of stages at the top, got {type(raw).__name__}")
+        raise RecipeError(
+            f"{path}: expected a mapping of stages at the top, got {type(raw).__name__}"
+        )
     for item in overrides:
         _apply_override(raw, item, path)
     recipe = from_dict(Recipe, raw, source=str(path))
@@ -327,7 +329,9 @@ def from_dict(cls: type, raw: Any, source: str = "<dict>", where: str = "") -> A
         dotted = f"{where}.{key}" if where else str(key)
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            hint = (
+                f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            )
             raise RecipeError(f"{source}: unknown key '{dotted}'{hint}")
         values[key] = _coerce(hints[key], value, source, dotted)
     return cls(**values)
@@ -400,8 +404,11 @@ def validate(recipe: Recipe) -> None:
     if recipe.rollout.engine == "url":
         required["rollout.url"] = (recipe.rollout.url, "the running engine's base URL")
     for i, t in enumerate(recipe.teachers.teachers):
-        key, what = ("url", "the teacher server's base URL") if t.engine == "url" else (
-            "model_path", "the teacher's HF checkpoint folder")
+        key, what = (
+            ("url", "the teacher server's base URL")
+            if t.engine == "url"
+            else ("model_path", "the teacher's HF checkpoint folder")
+        )
         required[f"teachers.teachers[{i}].{key}"] = (getattr(t, key), what)
     for key, (value, what) in required.items():
         if not value:
@@ -417,8 +424,8 @@ def validate(recipe: Recipe) -> None:
         )
     if a.loss == "grpo" and recipe.rollout.n_samples_per_prompt < 2:
         raise RecipeError(
-            f"{src}: algorithm.loss 'grpo' needs rollout.n_samples_per_prompt >= 2 (its "
-            f"advantage compares the samples of one prompt), got {recipe.rollout.n_samples_per_prompt}"
+            f"{src}: algorithm.loss 'grpo' needs rollout.n_samples_per_prompt >= 2 (its advantage "
+            f"compares the samples of one prompt), got {recipe.rollout.n_samples_per_prompt}"
         )
     if a.loss == "topk" and recipe.teachers.top_k < a.topk:
         raise RecipeError(
@@ -427,18 +434,30 @@ def validate(recipe: Recipe) -> None:
         )
     names = [t.name for t in recipe.teachers.teachers]
     if len(set(names)) != len(names) or "" in names:
-        raise RecipeError(f"{src}: every teachers.teachers[i].name must be set and unique, got {names}")
+        raise RecipeError(
+            f"{src}: every teachers.teachers[i].name must be set and unique, got {names}"
+        )
     if recipe.teachers.default is not None and recipe.teachers.default not in names:
-        raise RecipeError(f"{src}: teachers.default {recipe.teachers.default!r} is not one of {names}")
+        raise RecipeError(
+            f"{src}: teachers.default {recipe.teachers.default!r} is not one of {names}"
+        )
     seen: dict[str, str] = {}
     for t in recipe.teachers.teachers:
         for d in t.domains:
             if d in seen:
-                raise RecipeError(f"{src}: domain {d!r} is served by both {seen[d]!r} and {t.name!r}")
+                raise RecipeError(
+                    f"{src}: domain {d!r} is served by both {seen[d]!r} and {t.name!r}"
+                )
             seen[d] = t.name
-    unknown = set(recipe.data.domain_weights) - set(seen) if seen and recipe.teachers.default is None else set()
+    unknown = (
+        set(recipe.data.domain_weights) - set(seen)
+        if seen and recipe.teachers.default is None
+        else set()
+    )
     if unknown:
-        raise RecipeError(f"{src}: data.domain_weights names domains no teacher serves: {sorted(unknown)}")
+        raise RecipeError(
+            f"{src}: data.domain_weights names domains no teacher serves: {sorted(unknown)}"
+        )
 
 
 def validate_layout(
@@ -460,11 +479,15 @@ def validate_layout(
     else:
         dp = world_size // model_parallel
         if num_experts and (dp * p.tp * p.cp) % (p.ep * p.etp):
-            problems.append(f"ep*etp = {p.ep * p.etp} does not divide dp*tp*cp = {dp * p.tp * p.cp}")
+            problems.append(
+                f"ep*etp = {p.ep * p.etp} does not divide dp*tp*cp = {dp * p.tp * p.cp}"
+            )
     if num_attention_heads % p.tp:
         problems.append(f"{num_attention_heads} attention heads are not divisible by tp = {p.tp}")
     if num_query_groups % p.tp and p.tp % num_query_groups:
-        problems.append(f"{num_query_groups} query groups and tp = {p.tp}: neither divides the other")
+        problems.append(
+            f"{num_query_groups} query groups and tp = {p.tp}: neither divides the other"
+        )
     if num_layers % p.pp:
         problems.append(f"{num_layers} layers are not divisible by pp = {p.pp}")
     if p.vpp and num_layers % (p.pp * p.vpp):

@@ -13,9 +13,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .collect import evaluate_engine
 from .config import Recipe
 from .rollout.client import EngineClient
 from .rollout.sglang import start_engine
+from .rollout.transport import run_sync
 from .sync import make_weight_sync
 from .teachers import TeacherPool
 
@@ -29,9 +31,20 @@ class Serving:
     weight_sync: object
     """Has `push(buckets, weight_version)` (tensor, disk or distributed sync)."""
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.teachers.names)
+    def evaluate(self, tokenizer, records, max_new_tokens: int) -> dict[str, float] | None:
+        """Greedy held-out accuracy per domain of the rollout engine's current weights."""
+        if not records:
+            return None
+        return run_sync(evaluate_engine(self.rollout, tokenizer, records, max_new_tokens))
+
+    def evaluate_teachers(self, tokenizer, records, max_new_tokens: int) -> dict[str, dict]:
+        """Each teacher's greedy accuracy on the held-out prompts of the domains it serves."""
+        scores = {}
+        for name in self.teachers.names:
+            own = [r for r in records if self.teachers.route(r.domain) == name]
+            client = self.teachers.client(name)
+            scores[name] = run_sync(evaluate_engine(client, tokenizer, own, max_new_tokens))
+        return scores
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from transformers import AutoTokenizer
 
-from .collect import RolloutSettings, collect_trajectories, evaluate_engine
+from .collect import RolloutSettings, collect_trajectories
 from .config import Recipe, to_dict
 from .data import DomainMixSampler, load_prompts, tokenize_records
 from .hf.convert import HF_CONFIG_DIR, save_hf_checkpoint
@@ -104,7 +104,9 @@ def train(recipe: Recipe) -> Path:
         weight_sync = serving.weight_sync if leader else None
         if start_step:  # the engine started from the HF weights; give it the resumed ones
             push_student_weights(model, spec, weight_sync, str(start_step))
-        evaluate = partial(_evaluate, serving, tokenizer, eval_records, r.max_new_tokens)
+        def evaluate():
+            return serving.evaluate(tokenizer, eval_records, r.max_new_tokens) if leader else None
+
         before = _broadcast(evaluate()) if not start_step else before
         for step in range(start_step + 1, recipe.train.steps + 1):
             t0 = time.perf_counter()
@@ -114,8 +116,10 @@ def train(recipe: Recipe) -> Path:
                 n_samples_per_prompt=r.n_samples_per_prompt, chunk_size=r.batch_size,
                 teacher_top_k=teacher_top_k, use_teachers=a.loss != "grpo",
             )
-            trajectories = _broadcast(run_sync(collect_trajectories(
-                serving.rollout, serving.teachers, tokenizer, records, settings)) if leader else None)
+            collected = collect_trajectories(
+                serving.rollout, serving.teachers, tokenizer, records, settings
+            ) if leader else None
+            trajectories = _broadcast(run_sync(collected) if leader else None)
             t1 = time.perf_counter()
             batch = build_batch(trajectories, pad_id=tokenizer.pad_token_id, domains=domains,
                                 topk=teacher_top_k)
@@ -142,8 +146,7 @@ def train(recipe: Recipe) -> Path:
         if hf_dir is not None:
             save_hf_checkpoint(model, spec, hf_dir, recipe.model.hf_path)
         if leader:
-            teachers = {n: _evaluate_teacher(serving, n, tokenizer, eval_records,
-                                             r.max_new_tokens) for n in serving.names}
+            teachers = serving.evaluate_teachers(tokenizer, eval_records, r.max_new_tokens)
             report = write_final_report(run_dir, recipe, before, after, teachers, hf_dir,
                                         time.perf_counter() - started)
             print(f"report: {report}", flush=True)
@@ -151,15 +154,3 @@ def train(recipe: Recipe) -> Path:
     teardown_parallel()
     return run_dir
 
-
-def _evaluate(serving, tokenizer, records, max_new_tokens):
-    """Greedy held-out accuracy per domain of the rollout engine's current weights."""
-    if serving is None or not records:
-        return None
-    return run_sync(evaluate_engine(serving.rollout, tokenizer, records, max_new_tokens))
-
-
-def _evaluate_teacher(serving, name, tokenizer, records, max_new_tokens):
-    """A teacher's greedy accuracy on the held-out prompts of the domains it serves."""
-    own = [r for r in records if serving.teachers.route(r.domain) == name]
-    return run_sync(evaluate_engine(serving.teachers.client(name), tokenizer, own, max_new_tokens))

@@ -17,7 +17,6 @@ except ImportError:  # pragma: no cover
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-
 from tiny_models import make_tiny_hf_model  # noqa: E402
 
 
@@ -30,4 +29,6 @@ def tiny_moe_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dense_dir(tmp_path_factory):
     """A tiny random dense Qwen3 checkpoint with tied embeddings."""
-    return make_tiny_hf_model(tmp_path_factory.mktemp("tiny_dense"), "qwen3", tie_word_embeddings=True)
+    return make_tiny_hf_model(
+        tmp_path_factory.mktemp("tiny_dense"), "qwen3", tie_word_embeddings=True
+    )

@@ -28,7 +28,9 @@ def recipe_file(tmp_path):
 
 
 def test_good_recipe_and_overrides(recipe_file):
-    recipe = load_recipe(recipe_file(), ["parallel.ep=2", "algorithm.loss=topk", "optimizer.lr=1e-4"])
+    recipe = load_recipe(
+        recipe_file(), ["parallel.ep=2", "algorithm.loss=topk", "optimizer.lr=1e-4"]
+    )
     assert recipe.parallel.tp == 2 and recipe.parallel.ep == 2
     assert recipe.optimizer.lr == pytest.approx(1e-4) and isinstance(recipe.optimizer.lr, float)
     assert recipe.algorithm.loss == "topk"
@@ -39,11 +41,23 @@ def test_good_recipe_and_overrides(recipe_file):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (("parallel: {tp: 2,", "parallel: {tpp: 2,"), "unknown key 'parallel.tpp'; did you mean 'tp'?"),
+        (
+            ("parallel: {tp: 2,", "parallel: {tpp: 2,"),
+            "unknown key 'parallel.tpp'; did you mean 'tp'?",
+        ),
         (("{lr: 3e-4}", "{lr: fast}"), "'optimizer.lr' must be float, got 'fast'"),
-        (("micro_batch_size: 4", "micro_batch_size: 4.5"), "'parallel.micro_batch_size' must be int"),
-        (("model: {hf_path: /models/student}", "model: {}"), "missing required value 'model.hf_path'"),
-        (("url: \"http://127.0.0.1:30001\", ", ""), "missing required value 'teachers.teachers[1].url'"),
+        (
+            ("micro_batch_size: 4", "micro_batch_size: 4.5"),
+            "'parallel.micro_batch_size' must be int",
+        ),
+        (
+            ("model: {hf_path: /models/student}", "model: {}"),
+            "missing required value 'model.hf_path'",
+        ),
+        (
+            ('url: "http://127.0.0.1:30001", ', ""),
+            "missing required value 'teachers.teachers[1].url'",
+        ),
         (("domains: [rev]", "domains: [add]"), "domain 'add' is served by both"),
         (("top_k: 64", "top_k: 8"), None),  # fine for the default pg loss
     ],
@@ -76,13 +90,24 @@ def test_missing_file_and_bad_override(tmp_path, recipe_file):
         (dict(tp=3), 3, "4 attention heads are not divisible by tp = 3"),
         (dict(tp=2), 3, "world size 3 is not divisible by tp*pp*cp = 2"),
         (dict(ep=3), 3, "4 experts are not divisible by ep = 3"),
-        (dict(tp=2, sequence_parallel=False), 2, "MoE with tp > 1 needs parallel.sequence_parallel"),
+        (
+            dict(tp=2, sequence_parallel=False),
+            2,
+            "MoE with tp > 1 needs parallel.sequence_parallel",
+        ),
         (dict(pp=3), 3, "4 layers are not divisible by pp = 3"),
     ],
 )
 def test_impossible_layouts(recipe_file, layout, world, message):
     recipe = load_recipe(recipe_file(), [f"parallel.{k}={v}" for k, v in layout.items()])
     with pytest.raises(RecipeError, match="impossible parallel layout") as err:
-        validate_layout(recipe.parallel, world, num_layers=4, num_attention_heads=4,
-                        num_query_groups=2, num_experts=4, source=recipe.source)
+        validate_layout(
+            recipe.parallel,
+            world,
+            num_layers=4,
+            num_attention_heads=4,
+            num_query_groups=2,
+            num_experts=4,
+            source=recipe.source,
+        )
     assert message in str(err.value)

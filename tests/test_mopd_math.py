@@ -83,7 +83,8 @@ def _torch_pg_loss(logits, batch, cfg):
         mask = batch["loss_mask"][b]
         ratio = torch.exp(logprob[b].detach() - batch["behaviour_logprobs"][b])
         w = torch.where((ratio >= cfg.icepop_low) & (ratio <= cfg.icepop_high), ratio, 0.0)
-        adv = (batch["teacher_logprobs"][b] - logprob[b].detach()).clamp(-cfg.adv_clip, cfg.adv_clip)
+        adv = batch["teacher_logprobs"][b] - logprob[b].detach()
+        adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
         adv = adv + cfg.orm_coef * batch["orm_advantages"][b]
         total = total - (w * adv * logprob[b] * mask).sum() / mask.sum()
     return total

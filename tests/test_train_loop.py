@@ -8,16 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import make_tiny_hf_model
 from transformers import AutoModelForCausalLM
 
 from mopd_megatron.data import save_prompts
 from mopd_megatron.demo.tasks import make_splits
-from tiny_models import make_tiny_hf_model
 
 RECIPE = """
 model: {{hf_path: {root}/student}}

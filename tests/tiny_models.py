@@ -49,7 +49,9 @@ def make_tiny_hf_model(
         )
         model = Qwen3MoeForCausalLM(config)
     elif arch == "qwen3":
-        config = Qwen3Config(**COMMON, intermediate_size=64, tie_word_embeddings=tie_word_embeddings)
+        config = Qwen3Config(
+            **COMMON, intermediate_size=64, tie_word_embeddings=tie_word_embeddings
+        )
         model = Qwen3ForCausalLM(config)
     else:
         raise ValueError(f"unknown tiny arch {arch!r}")

@@ -119,7 +119,8 @@ def mopd_loss(
         token_kl = token_kl.detach()
     loss_sum = sequence_mean(per_token, mask).sum()
     num_sequences = (mask.sum(-1) > 0).sum()
-    return loss_sum, num_sequences, _metrics(mask, token_kl, entropy, gated, advantages, mb, num_domains)
+    metrics = _metrics(mask, token_kl, entropy, gated, advantages, mb, num_domains)
+    return loss_sum, num_sequences, metrics
 
 
 def _metrics(mask, token_kl, entropy, gated, advantages, mb, num_domains) -> dict[str, Tensor]:

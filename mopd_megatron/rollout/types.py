@@ -47,17 +47,17 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
     """Extra stop tokens; the model's EOS always stops (SGLang's default, ignore_eos=false)."""
-    sampling_seed: Optional[int] = None
+    sampling_seed: int | None = None
     """Makes sampling reproducible: item i of a request list samples with seed + i (SGLang's
     per-request `sampling_seed`), so a resumed run draws exactly what the original drew."""
 
     @classmethod
     def from_config(cls, cfg: Any) -> SamplingParams:
-        """The sampling settings of a `RolloutConfig` (temperature, top_p, top_k, max_new_tokens)."""
+        """The sampling settings of a `RolloutConfig` (temperature, top-p/k, max_new_tokens)."""
         return cls(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                    max_new_tokens=cfg.max_new_tokens)
 
-    def to_sglang(self, items: Optional[slice] = None) -> dict[str, Any] | list[dict[str, Any]]:
+    def to_sglang(self, items: slice | None = None) -> dict[str, Any] | list[dict[str, Any]]:
         """The `sampling_params` JSON (only fields SGLang's contract accepts).
 
         With a seed and `items` (the request's slice of the prompt list), one object per item.
