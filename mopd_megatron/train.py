@@ -104,6 +104,7 @@ def train(recipe: Recipe) -> Path:
         weight_sync = serving.weight_sync if leader else None
         if start_step:  # the engine started from the HF weights; give it the resumed ones
             push_student_weights(model, spec, weight_sync, str(start_step))
+
         def evaluate():
             return serving.evaluate(tokenizer, eval_records, r.max_new_tokens) if leader else None
 
