@@ -1,0 +1,303 @@
+"""The table's methods: how each one turns the toy world into a final student.
+
+Every method consumes a `Context` (the built world, this seed's folder, the budget, the
+results of the methods run before it) and produces a `MethodRun` (the final student's HF
+folder, its training segments for the curves, the training samples it used, notes).
+
+On-policy methods all run `mopd-megatron train` on `recipes/demo_cpu.yaml` (the CPU demo's
+engines and loop), with the same steps and rollout samples per step, differing only in
+recipe overrides:
+
+| method | loss | samples per step |
+|---|---|---|
+| MOPD | pg (sampled-token advantage, α = 0) | prompts × 1 |
+| MOPD top-k | corrected teacher top-k (k < vocabulary) | prompts × 1 |
+| MOPD full-vocab RKL | exact reverse KL (local Megatron teachers) | prompts × 1 |
+| MOPD + ORM | pg + α · GRPO outcome advantage | prompts/G × G |
+| Mix-RL | GRPO: outcome advantage only, mixed domains | prompts/G × G |
+| Cascade RL | GRPO one domain after another (`cascade`) | prompts/G × G |
+
+RFT (`rft`) samples the teachers and fine-tunes; the merges (`merge`) train nothing. The
+second MOPD round (`round2`) continues from MOPD's student with re-derived teachers, so it
+needs `mopd` earlier in the same seed.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mopd_megatron.baselines import merge
+from mopd_megatron.baselines.cascade import cascade_stages, run_cascade
+from mopd_megatron.baselines.curves import Segment
+from mopd_megatron.baselines.evaluation import evaluate_folder, normalized
+from mopd_megatron.baselines.launch import run_module
+from mopd_megatron.baselines.round2 import derive_teachers
+from mopd_megatron.config import AlgorithmConfig
+from mopd_megatron.data import load_prompts
+from mopd_megatron.demo.run import RECIPE, world_overrides
+from mopd_megatron.demo.toy_world import World
+
+
+@dataclass
+class Budget:
+    """What every method gets; one per profile of the table runner."""
+
+    steps: int = 120
+    """Steps of every on-policy run (Cascade RL splits them over its stages)."""
+    samples_per_step: int = 256
+    """Rollout samples per step (prompts × samples per prompt) of every on-policy method."""
+    group_size: int = 8
+    """GRPO group size (Mix-RL, Cascade RL, MOPD + ORM)."""
+    eval_interval: int = 10
+    """Steps between dev evaluations (the curves)."""
+    lr: dict[str, float] = field(default_factory=lambda: {"pg": 3e-4, "grpo": 1e-4, "sft": 3e-4})
+    """Learning rate per family: pg (MOPD variants), grpo (Mix-RL, Cascade RL), sft (RFT); the
+    defaults are the toy table's `--lr-search` picks (docs/toy_table.md)."""
+    topk: int = 4
+    """k of the MOPD top-k variant (the toy vocabulary has 42 tokens; 64 would be exact)."""
+    orm_coef: float = 1.0
+    """α of MOPD + ORM."""
+    rft_samples_per_prompt: int = 1
+    """Teacher samples per prompt for RFT; its prompts make steps × samples_per_step draws."""
+    round2_target: float = 0.9
+    """Dev accuracy at which a round-2 teacher's SFT stops."""
+    cascade_order: tuple[str, ...] = ()
+    """Cascade RL's domain order; empty = the world's domain order."""
+    merge_lambdas: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    """Task-arithmetic λ grid (one λ for every teacher), picked on dev."""
+    eval_draws: int = 2
+    """Sampled responses per test prompt for the sampled accuracy."""
+    micro_batch_size: int = 256
+
+
+LR_FAMILY = {
+    **dict.fromkeys(["mopd", "mopd_topk", "mopd_full_rkl", "mopd_orm", "mopd_round2"], "pg"),
+    **dict.fromkeys(["mix_rl", "cascade_rl"], "grpo"),
+    "rft": "sft",
+}
+"""The learning-rate family of each trained method (`Budget.lr`)."""
+PRIVATE_FIELDS = {
+    "group_size": {"mopd_orm", "mix_rl", "cascade_rl"},
+    "topk": {"mopd_topk"},
+    "orm_coef": {"mopd_orm"},
+    "rft_samples_per_prompt": {"rft"},
+    "round2_target": {"mopd_round2"},
+    "cascade_order": {"cascade_rl"},
+    "merge_lambdas": {"merge_ta"},
+}
+"""Budget fields that only some methods read; the others' results do not depend on them."""
+
+
+@dataclass
+class Context:
+    world: World
+    out: Path
+    """This seed's folder (one sub-folder per method)."""
+    seed: int
+    budget: Budget
+    done: dict[str, MethodRun] = field(default_factory=dict)
+    """Methods already run for this seed."""
+
+
+@dataclass
+class MethodRun:
+    model: str
+    """The final student's HF folder."""
+    segments: list[Segment] = field(default_factory=list)
+    samples: int = 0
+    """Training samples used (rollouts; teacher samples for RFT)."""
+    notes: str = ""
+
+
+def outcome_only_loss() -> list[str]:
+    """GRPO overrides: `algorithm.loss=grpo` when the recipe knows it, else the same
+    objective through `pg` with the teacher advantage clipped to zero."""
+    losses = typing.get_args(typing.get_type_hints(AlgorithmConfig)["loss"])
+    if "grpo" in losses:
+        return ["algorithm.loss=grpo", "algorithm.orm_coef=1.0"]
+    return ["algorithm.loss=pg", "algorithm.adv_clip=0.0", "algorithm.orm_coef=1.0"]
+
+
+def train_overrides(ctx: Context, run_dir: Path, method: str, group: int) -> list[str]:
+    """Overrides shared by every on-policy run: world paths, dev curves, TP=1, budget."""
+    b = ctx.budget
+    return [
+        *world_overrides(ctx.world, ctx.out),
+        f"data.eval_files=[{ctx.world.dev_file}]",
+        f"logging.dir={run_dir}",
+        "parallel.tp=1",
+        "parallel.ep=1",
+        f"parallel.micro_batch_size={b.micro_batch_size}",
+        f"data.prompts_per_step={b.samples_per_step // group}",
+        f"rollout.n_samples_per_prompt={group}",
+        f"optimizer.lr={b.lr[LR_FAMILY[method]]}",
+        f"train.steps={b.steps}",
+        f"train.seed={ctx.seed}",
+        f"logging.eval_interval={b.eval_interval}",
+        f"checkpoint.save_interval={b.steps}",
+        "rollout.sync_check=false",
+        "logging.tensorboard=false",
+    ]
+
+
+def train(ctx: Context, name: str, group: int, extra: list[str]) -> Segment:
+    """One `mopd-megatron train` run of the demo recipe; returns its curve segment."""
+    run_dir = ctx.out / name
+    overrides = [*train_overrides(ctx, run_dir, name, group), *extra]
+    run_module(["mopd_megatron.cli", "train", str(RECIPE), *overrides], ctx.out / f"{name}.log")
+    return Segment(str(run_dir), ctx.budget.samples_per_step)
+
+
+def _single(ctx: Context, name: str, group: int, extra: list[str]) -> MethodRun:
+    segment = train(ctx, name, group, extra)
+    b = ctx.budget
+    return MethodRun(
+        str(Path(segment.run_dir) / "checkpoints" / "hf"), [segment], b.steps * b.samples_per_step
+    )
+
+
+def mopd(ctx: Context) -> MethodRun:
+    return _single(ctx, "mopd", 1, ["algorithm.loss=pg", "algorithm.orm_coef=0.0"])
+
+
+def mopd_topk(ctx: Context) -> MethodRun:
+    k = ctx.budget.topk
+    return _single(
+        ctx,
+        "mopd_topk",
+        1,
+        [
+            "algorithm.loss=topk",
+            f"algorithm.topk={k}",
+            f"teachers.top_k={k}",
+            "algorithm.orm_coef=0.0",
+        ],
+    )
+
+
+def mopd_full_rkl(ctx: Context) -> MethodRun:
+    return _single(ctx, "mopd_full_rkl", 1, ["algorithm.loss=full_rkl", "algorithm.orm_coef=0.0"])
+
+
+def mopd_orm(ctx: Context) -> MethodRun:
+    return _single(
+        ctx,
+        "mopd_orm",
+        ctx.budget.group_size,
+        ["algorithm.loss=pg", f"algorithm.orm_coef={ctx.budget.orm_coef}"],
+    )
+
+
+def mix_rl(ctx: Context) -> MethodRun:
+    return _single(ctx, "mix_rl", ctx.budget.group_size, outcome_only_loss())
+
+
+def cascade_rl(ctx: Context) -> MethodRun:
+    b = ctx.budget
+    stages = cascade_stages(list(b.cascade_order or ctx.world.domains), b.steps)
+    out = ctx.out / "cascade_rl"
+    overrides = [*train_overrides(ctx, out, "cascade_rl", b.group_size), *outcome_only_loss()]
+    runs = run_cascade(RECIPE, stages, out, overrides)
+    segments, offset = [], 0
+    for run_dir, (_, steps) in zip(runs, stages):
+        segments.append(Segment(str(run_dir), b.samples_per_step, offset))
+        offset += steps * b.samples_per_step
+    order = " -> ".join(f"{d} ({n} steps)" for d, n in stages)
+    return MethodRun(str(runs[-1] / "checkpoints" / "hf"), segments, offset, f"order {order}")
+
+
+def rft(ctx: Context) -> MethodRun:
+    b, run_dir = ctx.budget, ctx.out / "rft"
+    n = b.rft_samples_per_prompt
+    prompts = b.steps * b.samples_per_step // n
+    overrides = [
+        *train_overrides(ctx, run_dir, "rft", n),
+        f"data.prompts_per_step={b.samples_per_step}",
+    ]
+    run_module(
+        ["mopd_megatron.baselines.rft", f"--prompts={prompts}", str(RECIPE), *overrides],
+        ctx.out / "rft.log",
+    )
+    segment = Segment(str(run_dir), b.samples_per_step)
+    return MethodRun(
+        str(run_dir / "checkpoints" / "hf"),
+        [segment],
+        prompts * n,
+        f"{prompts} prompts x {n} teacher samples, SFT {b.steps} x {b.samples_per_step} sequences",
+    )
+
+
+def merge_avg(ctx: Context) -> MethodRun:
+    out = ctx.out / "merge_avg"
+    merge.average(out, [ctx.world.teacher_paths[d] for d in ctx.world.domains])
+    return MethodRun(str(out))
+
+
+def merge_ta(ctx: Context) -> MethodRun:
+    """Task arithmetic with the λ of the grid that scores best on dev (greedy)."""
+    w, b = ctx.world, ctx.budget
+    dev = load_prompts(w.dev_file)
+    start = w.accuracy["base"]["dev"]
+    teachers = {d: w.accuracy[d]["dev"][d] for d in w.domains}
+    best = None
+    for lam in b.merge_lambdas:
+        out = ctx.out / f"merge_ta/lambda_{lam:g}"
+        merge.task_arithmetic(out, w.base_path, [w.teacher_paths[d] for d in w.domains], lam)
+        acc = evaluate_folder(out, dev, draws=0, max_new_tokens=w.max_new_tokens)["greedy"]
+        score = normalized(acc, start, teachers)["mean"]
+        if best is None or score > best[0]:
+            best = (score, lam, out)
+    return MethodRun(
+        str(best[2]),
+        notes=f"λ = {best[1]:g} (dev-selected from {', '.join(f'{x:g}' for x in b.merge_lambdas)})",
+    )
+
+
+def mopd_round2(ctx: Context) -> MethodRun:
+    if "mopd" not in ctx.done:
+        raise ValueError("mopd_round2 continues from mopd: list mopd before it")
+    first = ctx.done["mopd"]
+    teachers = derive_teachers(
+        first.model,
+        ctx.world,
+        ctx.out / "mopd_round2" / "teachers",
+        ctx.budget.round2_target,
+        ctx.seed,
+    )
+    listed = [
+        {"name": f"{d}-teacher", "domains": [d], "model_path": t["path"]}
+        for d, t in sorted(teachers.items())
+    ]
+    extra = [
+        "algorithm.loss=pg",
+        "algorithm.orm_coef=0.0",
+        f"model.hf_path={first.model}",
+        "teachers.teachers=" + str(listed).replace("'", '"'),
+    ]
+    segment = train(ctx, "mopd_round2", 1, extra)
+    segment.offset = first.samples
+    devs = ", ".join(f"{d} {t['dev']:.2f}" for d, t in teachers.items())
+    return MethodRun(
+        str(Path(segment.run_dir) / "checkpoints" / "hf"),
+        [*first.segments, segment],
+        first.samples + ctx.budget.steps * ctx.budget.samples_per_step,
+        f"round-2 teachers' dev accuracy: {devs}",
+    )
+
+
+METHODS: dict[str, Callable[[Context], MethodRun]] = {
+    "mopd": mopd,
+    "mopd_topk": mopd_topk,
+    "mopd_full_rkl": mopd_full_rkl,
+    "mopd_orm": mopd_orm,
+    "mopd_round2": mopd_round2,
+    "mix_rl": mix_rl,
+    "cascade_rl": cascade_rl,
+    "rft": rft,
+    "merge_avg": merge_avg,
+    "merge_ta": merge_ta,
+}
+"""Every method, in the order the runner runs them (round 2 after MOPD)."""
