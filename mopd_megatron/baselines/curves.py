@@ -86,6 +86,7 @@ def plot_curves(
     levels: dict[str, float],
     path: str | Path,
     title: str,
+    highlight: str | None = None,
 ) -> None:
     """Mean ± std curves per method, plus horizontal lines for untrained methods.
 
@@ -94,6 +95,7 @@ def plot_curves(
         levels: {label: normalized score} of methods without training (merges).
         path: the PNG to write.
         title: the figure title.
+        highlight: the label drawn bold and on top (e.g. the paper's default method).
     """
     fig, ax = plt.subplots(figsize=(7.5, 4.2))
     ax.axhline(1.0, color="black", linewidth=1, label="teacher (1.0)")
@@ -102,10 +104,12 @@ def plot_curves(
         if not points:
             continue
         xs, ys, sd = zip(*points)
-        ax.plot(xs, ys, marker=".", linewidth=1.3, label=label)
-        ax.fill_between(
-            xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)], alpha=0.15
+        bold = label == highlight
+        (line,) = ax.plot(
+            xs, ys, marker=".", linewidth=2.6 if bold else 1.3, label=label, zorder=5 if bold else 2
         )
+        low, high = [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)]
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.15)
     for i, (label, level) in enumerate(levels.items()):
         ax.axhline(level, linestyle="--", linewidth=1, color=f"C{len(curves) + i}", label=label)
     ax.set_xlabel("training samples")

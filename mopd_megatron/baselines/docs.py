@@ -243,6 +243,7 @@ def write_docs(
         levels,
         docs / "toy_curves.png",
         f"Normalized dev score vs training samples (mean ± std over {len(seeds)} seeds)",
+        highlight=LABELS["mopd"].replace("**", ""),
     )
     _plot_bars(results, rows, docs / "toy_bars.png")
     worlds = [json.loads((out / f"world{s}" / "world.json").read_text()) for s in seeds]
@@ -266,7 +267,8 @@ def write_docs(
         *_invocations(out),
         (
             f"- **Time**: methods {method_minutes:.1f} min in total, toy worlds "
-            f"{build_minutes:.1f} min to build, learning-rate search {search_minutes:.1f} min"
+            f"{build_minutes:.1f} min to build"
+            + (f", learning-rate search {search_minutes:.1f} min" if trials else "")
         ),
         (
             f"- **Seeds**: {', '.join(map(str, seeds))}; each seed builds its own toy world (data, "
