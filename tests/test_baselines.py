@@ -15,7 +15,7 @@ from mopd_megatron.baselines.cascade import cascade_stages
 from mopd_megatron.baselines.curves import Segment, mean_curve, normalized_curve
 from mopd_megatron.baselines.docs import write_docs
 from mopd_megatron.baselines.evaluation import normalized
-from mopd_megatron.baselines.methods import Budget, outcome_only_loss
+from mopd_megatron.baselines.methods import Budget
 from mopd_megatron.baselines.rft import sample_verified
 from mopd_megatron.baselines.sft import EpochBatches, sft_batch, sft_loss
 from mopd_megatron.data import PromptRecord
@@ -61,12 +61,6 @@ def test_merge_rejects_different_architectures(tmp_path):
 def test_cascade_stages_split_the_steps():
     assert cascade_stages(["a", "b", "c"], 10) == [("a", 4), ("b", 3), ("c", 3)]
     assert sum(n for _, n in cascade_stages(["a", "b"], 7)) == 7
-
-
-def test_outcome_only_loss_zeroes_the_teacher_term():
-    overrides = outcome_only_loss()
-    assert "algorithm.orm_coef=1.0" in overrides
-    assert "algorithm.loss=grpo" in overrides or "algorithm.adv_clip=0.0" in overrides
 
 
 def _trajectory(prompt, response, domain="add"):

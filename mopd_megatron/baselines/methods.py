@@ -24,7 +24,7 @@ needs `mopd` earlier in the same seed.
 
 from __future__ import annotations
 
-import typing
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,6 @@ from mopd_megatron.baselines.curves import Segment
 from mopd_megatron.baselines.evaluation import evaluate_folder, normalized
 from mopd_megatron.baselines.launch import run_module
 from mopd_megatron.baselines.round2 import derive_teachers
-from mopd_megatron.config import AlgorithmConfig
 from mopd_megatron.data import load_prompts
 from mopd_megatron.demo.run import RECIPE, world_overrides
 from mopd_megatron.demo.toy_world import World
@@ -93,6 +92,8 @@ PRIVATE_FIELDS = {
 
 @dataclass
 class Context:
+    """What a method runs on: one seed's world, folder and budget."""
+
     world: World
     out: Path
     """This seed's folder (one sub-folder per method)."""
@@ -104,6 +105,8 @@ class Context:
 
 @dataclass
 class MethodRun:
+    """What a method produced."""
+
     model: str
     """The final student's HF folder."""
     segments: list[Segment] = field(default_factory=list)
@@ -112,13 +115,8 @@ class MethodRun:
     notes: str = ""
 
 
-def outcome_only_loss() -> list[str]:
-    """GRPO overrides: `algorithm.loss=grpo` when the recipe knows it, else the same
-    objective through `pg` with the teacher advantage clipped to zero."""
-    losses = typing.get_args(typing.get_type_hints(AlgorithmConfig)["loss"])
-    if "grpo" in losses:
-        return ["algorithm.loss=grpo", "algorithm.orm_coef=1.0"]
-    return ["algorithm.loss=pg", "algorithm.adv_clip=0.0", "algorithm.orm_coef=1.0"]
+OUTCOME_ONLY = ["algorithm.loss=grpo"]
+"""GRPO: the outcome advantage only; the teachers are not queried for training."""
 
 
 def train_overrides(ctx: Context, run_dir: Path, method: str, group: int) -> list[str]:
@@ -192,14 +190,14 @@ def mopd_orm(ctx: Context) -> MethodRun:
 
 
 def mix_rl(ctx: Context) -> MethodRun:
-    return _single(ctx, "mix_rl", ctx.budget.group_size, outcome_only_loss())
+    return _single(ctx, "mix_rl", ctx.budget.group_size, OUTCOME_ONLY)
 
 
 def cascade_rl(ctx: Context) -> MethodRun:
     b = ctx.budget
     stages = cascade_stages(list(b.cascade_order or ctx.world.domains), b.steps)
     out = ctx.out / "cascade_rl"
-    overrides = [*train_overrides(ctx, out, "cascade_rl", b.group_size), *outcome_only_loss()]
+    overrides = [*train_overrides(ctx, out, "cascade_rl", b.group_size), *OUTCOME_ONLY]
     runs = run_cascade(RECIPE, stages, out, overrides)
     segments, offset = [], 0
     for run_dir, (_, steps) in zip(runs, stages):
@@ -275,7 +273,7 @@ def mopd_round2(ctx: Context) -> MethodRun:
         "algorithm.loss=pg",
         "algorithm.orm_coef=0.0",
         f"model.hf_path={first.model}",
-        "teachers.teachers=" + str(listed).replace("'", '"'),
+        "teachers.teachers=" + json.dumps(listed),
     ]
     segment = train(ctx, "mopd_round2", 1, extra)
     segment.offset = first.samples

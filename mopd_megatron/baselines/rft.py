@@ -149,11 +149,8 @@ def run_rft(recipe: Recipe, prompts: int) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.hf_path)
     chat = recipe.data.apply_chat_template
     train = tokenize_records(load_prompts(recipe.data.train_files), tokenizer, chat)
-    evals = (
-        tokenize_records(load_prompts(recipe.data.eval_files), tokenizer, chat)
-        if (recipe.data.eval_files)
-        else []
-    )
+    eval_files = recipe.data.eval_files
+    evals = tokenize_records(load_prompts(eval_files), tokenizer, chat) if eval_files else []
     domains = sorted({x.domain for x in train + evals})
     found = _sample_teachers(recipe, tokenizer, train, evals, prompts, run_dir) if leader else None
     kept, stats, teachers = _broadcast(found)
@@ -229,12 +226,13 @@ def _write_report(run_dir, recipe, before, teachers, after, stats, prompts, seco
     )
     drawn = sum(s["drawn"] for s in stats.values())
     kept = sum(s["kept"] for s in stats.values())
+    steps = recipe.train.steps if kept else 0
     facts = {
         "recipe": recipe.source,
         "student": recipe.model.hf_path,
         "teacher samples": f"{prompts} prompts x {recipe.rollout.n_samples_per_prompt} = "
         f"{drawn}; kept {kept} distinct verified",
-        "SFT": f"{recipe.train.steps if kept else 0} steps x {recipe.data.prompts_per_step} sequences, "
+        "SFT": f"{steps} steps x {recipe.data.prompts_per_step} sequences, "
         f"lr {recipe.optimizer.lr}",
         "wall time": f"{seconds / 60:.1f} min",
     }

@@ -83,7 +83,7 @@ PROFILES = {
         lr_grid=(1e-4, 3e-4),
     ),
 }
-"""`full`: the documented table (3 domains, 60 steps × 256 samples per on-policy run);
+"""`full`: the documented table (3 domains, 120 steps × 256 samples per on-policy run);
 `ci`: a smoke test (2 domains, 2 steps × 16 samples) that exercises every method."""
 
 LR_SEARCH = {"pg": "mopd", "grpo": "mix_rl", "sft": "rft"}
@@ -117,7 +117,7 @@ def evaluate_method(ctx: Context, name: str, run: MethodRun, ref: dict, test, se
         "samples": run.samples,
         "seconds": round(seconds, 1),
         "notes": run.notes,
-        "lr": dataclasses.asdict(ctx.budget)["lr"],
+        "lr": ctx.budget.lr.get(LR_FAMILY.get(name, "")),
     }
 
 
