@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -54,9 +54,9 @@ class ParallelConfig:
     """Expert tensor-parallel size (1 works with the alltoall dispatcher on gloo)."""
     cp: int = 1
     """Context-parallel size."""
-    vpp: Optional[int] = None
+    vpp: int | None = None
     """Virtual pipeline stages per rank (interleaved 1F1B); None = off."""
-    sequence_parallel: Optional[bool] = None
+    sequence_parallel: bool | None = None
     """None = on whenever tp > 1 (Megatron requires it for MoE with TP)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch in the training step."""
@@ -133,7 +133,7 @@ class TeacherConfig(EngineConfig):
 @dataclass
 class TeachersConfig:
     teachers: list[TeacherConfig] = field(default_factory=list)
-    default: Optional[str] = None
+    default: str | None = None
     """Teacher name for domains that no teacher lists; None = unknown domain is an error."""
     top_k: int = 0
     """Teacher top-k log-probs to request (the top-k loss needs 64)."""

@@ -16,8 +16,8 @@ except ImportError:  # pragma: no cover
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest  # noqa: E402
-from tiny_models import make_tiny_hf_model  # noqa: E402
+import pytest
+from tiny_models import make_tiny_hf_model
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 from mopd_megatron.config import ParallelConfig, RecipeError
-from mopd_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader, write_hf_folder
+from mopd_megatron.hf.safetensors_io import (
+    HFCheckpointError,
+    HFCheckpointReader,
+    write_hf_folder,
+)
 from mopd_megatron.hf.spec import HFConfigError, read_hf_config, spec_from_dict
 from mopd_megatron.student.parallel import init_parallel
 

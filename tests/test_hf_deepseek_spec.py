@@ -11,7 +11,12 @@ from mopd_megatron.config import ModelConfig, ParallelConfig
 from mopd_megatron.hf.layout import rope_halves_to_pairs, rope_pairs_to_halves
 from mopd_megatron.hf.names import hf_param_map
 from mopd_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader
-from mopd_megatron.hf.spec import HFConfigError, YarnRope, read_hf_config, spec_from_dict
+from mopd_megatron.hf.spec import (
+    HFConfigError,
+    YarnRope,
+    read_hf_config,
+    spec_from_dict,
+)
 
 # deepseek-ai/DeepSeek-V3's config.json (transformers-4 / remote-code spelling), minus auto_map.
 DEEPSEEK_V3 = {

@@ -14,7 +14,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from mopd_megatron.config import EngineConfig
-from mopd_megatron.rollout import EngineClient, EngineError, SamplingParams, start_engine
+from mopd_megatron.rollout import (
+    EngineClient,
+    EngineError,
+    SamplingParams,
+    start_engine,
+)
 from mopd_megatron.rollout.sglang_contract import load_api_types
 
 TOL = 1e-4

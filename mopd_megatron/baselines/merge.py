@@ -25,7 +25,11 @@ from pathlib import Path
 
 import torch
 
-from mopd_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader, write_hf_folder
+from mopd_megatron.hf.safetensors_io import (
+    HFCheckpointError,
+    HFCheckpointReader,
+    write_hf_folder,
+)
 
 BUCKET_TENSORS = 64
 """Merged tensors handed to the writer at a time."""

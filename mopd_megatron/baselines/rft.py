@@ -36,7 +36,12 @@ from transformers import AutoTokenizer
 from mopd_megatron.baselines.sft import EpochBatches, sft_batch, sft_loss
 from mopd_megatron.collect import evaluate_engine
 from mopd_megatron.config import Recipe, load_recipe
-from mopd_megatron.data import DomainMixSampler, PromptRecord, load_prompts, tokenize_records
+from mopd_megatron.data import (
+    DomainMixSampler,
+    PromptRecord,
+    load_prompts,
+    tokenize_records,
+)
 from mopd_megatron.hf.convert import save_hf_checkpoint
 from mopd_megatron.hf.spec import read_hf_config
 from mopd_megatron.mopd.rewards import score_batch

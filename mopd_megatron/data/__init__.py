@@ -1,6 +1,11 @@
 """Data stage: prompt files -> validated records -> token ids -> mixed-domain batches."""
 
-from mopd_megatron.data.records import PromptDataError, PromptRecord, load_prompts, save_prompts
+from mopd_megatron.data.records import (
+    PromptDataError,
+    PromptRecord,
+    load_prompts,
+    save_prompts,
+)
 from mopd_megatron.data.sampler import DomainMixSampler
 from mopd_megatron.data.tokenize import encode_prompt, render_prompt, tokenize_records
 

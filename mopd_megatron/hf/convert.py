@@ -25,7 +25,11 @@ import torch.distributed as dist
 from mopd_megatron.config import ModelConfig, ParallelConfig, validate_layout
 from mopd_megatron.hf.layout import padded_vocab_size
 from mopd_megatron.hf.megatron_io import export_hf_weights, load_hf_weights
-from mopd_megatron.hf.safetensors_io import HFCheckpointError, copy_hf_metadata, write_hf_folder
+from mopd_megatron.hf.safetensors_io import (
+    HFCheckpointError,
+    copy_hf_metadata,
+    write_hf_folder,
+)
 from mopd_megatron.hf.spec import HFModelSpec, read_hf_config
 
 HF_CONFIG_DIR = "hf_config"

@@ -22,7 +22,7 @@ token y = tokens[t+1] and everything about it (see `mopd.batch`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

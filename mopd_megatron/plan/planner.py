@@ -17,7 +17,12 @@ from mopd_megatron.config import EngineConfig, Recipe, RecipeError, validate_lay
 from mopd_megatron.hf.layout import padded_vocab_size
 from mopd_megatron.hf.spec import HFModelSpec, read_hf_config, spec_from_dict
 from mopd_megatron.plan.memory import StageMemory, StepShape, student_memory
-from mopd_megatron.plan.params import ModelParams, PlanError, check_countable, model_params
+from mopd_megatron.plan.params import (
+    ModelParams,
+    PlanError,
+    check_countable,
+    model_params,
+)
 from mopd_megatron.plan.placement import Placement, place
 from mopd_megatron.plan.serving import GIB, ServerPlan, plan_server, server_gpus
 

@@ -30,7 +30,7 @@ import inspect
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -53,9 +53,9 @@ class SeqRequest:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
-    sampling_seed: Optional[int] = None
+    sampling_seed: int | None = None
     """Seeds this sequence's own generator (reproducible draws whatever the batch)."""
-    generator: Optional[torch.Generator] = field(default=None, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
 
 
 def _entries(values: list[float], ids: list[int]) -> list[list]:

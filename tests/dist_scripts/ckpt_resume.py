@@ -16,10 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import train_common as tc  # noqa: E402
-from multirank import report  # noqa: E402
+import torch
+import torch.distributed as dist
+import train_common as tc
+from multirank import report
 
 LAYOUT = "tp2"
 

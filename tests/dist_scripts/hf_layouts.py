@@ -27,7 +27,11 @@ from multirank import report
 from mopd_megatron.config import ModelConfig, ParallelConfig
 from mopd_megatron.hf.convert import hf_to_megatron, megatron_to_hf
 from mopd_megatron.hf.megatron_io import export_hf_weights, unwrap
-from mopd_megatron.hf.safetensors_io import HFCheckpointError, HFCheckpointReader, write_hf_folder
+from mopd_megatron.hf.safetensors_io import (
+    HFCheckpointError,
+    HFCheckpointReader,
+    write_hf_folder,
+)
 from mopd_megatron.hf.spec import read_hf_config
 from mopd_megatron.student.model import build_model, build_student
 from mopd_megatron.student.parallel import init_parallel, teardown_parallel
