@@ -1,42 +1,31 @@
-"""`mopd-megatron` command line: train, demo, convert, plan, launch.
+"""`mopd-megatron` command line: train, demo, convert, plan, launch, baseline.
 
-`train` starts torchrun by itself when the recipe's layout needs more than one rank and the
-command was not already launched by torchrun (or SLURM's srun through tools/launch).
+`train` (and `baseline rft`) starts torchrun by itself when the recipe's layout needs more than
+one rank and the command was not already launched by torchrun (or SLURM's srun through
+tools/launch).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from .config import RecipeError
 from .launch import cli as launch_cli
+from .launch.local import needs_relaunch, relaunch_under_torchrun
 from .plan import cli as plan_cli
-
-
-def _launched_by_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def _relaunch_under_torchrun(nproc: int) -> int:
-    """Re-run this very command on `nproc` local ranks (gloo on CPU, nccl on GPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "mopd_megatron.cli", *sys.argv[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.call(cmd, env=env)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    nproc = recipe.parallel.nproc
-    if nproc > 1 and not _launched_by_torchrun():
-        return _relaunch_under_torchrun(nproc)
+    if needs_relaunch(recipe.parallel.nproc):
+        return relaunch_under_torchrun(recipe.parallel.nproc, "mopd_megatron.cli", sys.argv[1:])
     from .train import train
 
     train(recipe)
@@ -64,6 +53,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
              if d.is_dir()), None)
         convert.megatron_to_hf(ckpt, args.hf_path, hf_config_dir=config)
     return 0
+
+
+BASELINES = {
+    "rft": "mopd_megatron.baselines.rft",
+    "cascade": "mopd_megatron.baselines.cascade",
+    "merge": "mopd_megatron.baselines.merge",
+    "table": "mopd_megatron.baselines.table",
+}
+"""`mopd-megatron baseline METHOD ...` runs the method module's own command line. Mix-RL needs
+no entry of its own: it is `train RECIPE algorithm.loss=grpo`."""
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BASELINES[args.method])
+    return module.main(args.args, prog=f"mopd-megatron baseline {args.method}") or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pp", type=int, default=1)
     convert.add_argument("--ep", type=int, default=1)
     convert.set_defaults(func=cmd_convert)
+
+    baseline = sub.add_parser(
+        "baseline", help="the paper's baselines: RFT, Cascade RL, merges; the toy table")
+    baseline.add_argument("method", choices=list(BASELINES))
+    baseline.add_argument("args", nargs=argparse.REMAINDER,
+                          help="the method's own arguments (`baseline METHOD --help` lists them)")
+    baseline.set_defaults(func=cmd_baseline)
 
     plan_cli.add_parser(sub)
     launch_cli.add_parser(sub)

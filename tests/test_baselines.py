@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import make_tiny_hf_model
 
+from mopd_megatron import cli
 from mopd_megatron.baselines import merge
 from mopd_megatron.baselines.cascade import cascade_stages
 from mopd_megatron.baselines.curves import Segment, mean_curve, normalized_curve
@@ -49,6 +50,18 @@ def test_merge_folders(tmp_path):
         merge.task_arithmetic(tmp_path / "ta1", student, teachers, [1.0, 0.0]) / "model.safetensors"
     )
     assert all(torch.allclose(one[n], weights[1][n], atol=1e-6) for n in one)
+
+
+def test_merge_from_the_command_line(tmp_path):
+    teachers = [make_tiny_hf_model(tmp_path / f"t{i}", "qwen3_moe", seed=i) for i in range(2)]
+    out = tmp_path / "avg"
+    argv = ["baseline", "merge", "--out", str(out), "--teachers", *map(str, teachers)]
+    assert cli.main(argv) == 0
+    a, b = (load_file(t / "model.safetensors") for t in teachers)
+    for name, tensor in load_file(out / "model.safetensors").items():
+        assert torch.allclose(tensor, (a[name] + b[name]) / 2), name
+    bad = ["baseline", "merge", "--out", str(out), "--teachers", str(tmp_path / "missing")]
+    assert cli.main(bad) == 2  # a one-line error naming the folder, not a traceback
 
 
 def test_merge_rejects_different_architectures(tmp_path):

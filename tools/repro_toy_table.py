@@ -3,7 +3,8 @@
 
 Runs Mix-RL, Cascade RL, RFT, both parameter merges and the MOPD variants (policy gradient,
 teacher top-k, full-vocabulary reverse KL, + ORM, second round) on the toy world for
-several seeds, then writes the Markdown table and plots (`mopd_megatron.baselines.table`).
+several seeds, then writes the Markdown table and plots (`mopd_megatron.baselines.table`);
+`mopd-megatron baseline table` takes the same arguments.
 
     python tools/repro_toy_table.py                      # the documented table -> docs/
     python tools/repro_toy_table.py --profile ci         # a smoke test in a few minutes

@@ -6,7 +6,7 @@ previous stage's exported student (`checkpoints/hf`) and sampling only its own d
 (`data.domain_weights={domain: 1}`). The last stage's `checkpoints/hf` is the result.
 
 Command line:
-    python -m mopd_megatron.baselines.cascade RECIPE --out DIR --order math,if,swe \
+    mopd-megatron baseline cascade RECIPE --out DIR --order math,if,swe \
         --steps 100 [100 100] [key=value ...]
 """
 
@@ -61,9 +61,9 @@ def run_cascade(
     return runs
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run a cascade from the command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="an outcome-only RL recipe (algorithm.loss: grpo)")
     parser.add_argument("--out", required=True, help="folder of the stages' runs")
     parser.add_argument("--order", required=True, help="comma-separated domains, in order")

@@ -12,7 +12,7 @@ tokenizer. Tensors are streamed: one name at a time is held from each input, so 
 a 30B model needs the memory of its largest tensor times (D + 2), not of the model.
 
 Command line:
-    python -m mopd_megatron.baselines.merge --out DIR --teachers T1 T2 ... \
+    mopd-megatron baseline merge --out DIR --teachers T1 T2 ... \
         [--student S] [--method average|task_arithmetic] [--lambdas 0.5 0.5 ...]
 """
 
@@ -150,9 +150,11 @@ def as_hf_folder(path: str | Path, work_dir: str | Path, hf_config: str | Path |
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """Merge from the command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(description="Merge teacher checkpoints into one HF folder.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Merge teacher checkpoints into one HF folder."
+    )
     parser.add_argument("--out", required=True, help="merged HF folder")
     parser.add_argument("--teachers", nargs="+", required=True, help="HF or Megatron folders")
     parser.add_argument("--student", help="the common start (required by task arithmetic)")

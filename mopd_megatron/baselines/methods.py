@@ -216,7 +216,7 @@ def rft(ctx: Context) -> MethodRun:
         f"data.prompts_per_step={b.samples_per_step}",
     ]
     run_module(
-        ["mopd_megatron.baselines.rft", f"--prompts={prompts}", str(RECIPE), *overrides],
+        ["mopd_megatron.cli", "baseline", "rft", f"--prompts={prompts}", str(RECIPE), *overrides],
         ctx.out / "rft.log",
     )
     segment = Segment(str(run_dir), b.samples_per_step)

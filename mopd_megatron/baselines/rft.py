@@ -14,8 +14,8 @@
 Writes what `mopd-megatron train` writes: history.jsonl (loss, eval/<domain>), scores.json,
 report.md, checkpoints/hf (the final student).
 
-Command line (one process, or under torchrun for a multi-rank layout):
-    python -m mopd_megatron.baselines.rft RECIPE --prompts N [key=value ...]
+Command line (it starts torchrun itself when the recipe's layout needs several ranks):
+    mopd-megatron baseline rft RECIPE --prompts N [key=value ...]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 import time
 from contextlib import ExitStack
 from functools import partial
@@ -44,6 +45,7 @@ from mopd_megatron.data import (
 )
 from mopd_megatron.hf.convert import save_hf_checkpoint
 from mopd_megatron.hf.spec import read_hf_config
+from mopd_megatron.launch.local import needs_relaunch, relaunch_under_torchrun
 from mopd_megatron.mopd.rewards import score_batch
 from mopd_megatron.report import normalized_scores, write_report
 from mopd_megatron.rollout.sglang import start_engine
@@ -250,9 +252,9 @@ def _write_report(run_dir, recipe, before, teachers, after, stats, prompts, seco
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mopd_megatron.baselines.rft RECIPE --prompts N [key=value ...]`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """`mopd-megatron baseline rft RECIPE --prompts N [key=value ...]`."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="a MOPD recipe (student, teachers, data, optimizer)")
     parser.add_argument(
         "--prompts",
@@ -262,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides")
     args = parser.parse_intermixed_args(argv)
-    run_rft(load_recipe(args.recipe, args.overrides), args.prompts)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if needs_relaunch(recipe.parallel.nproc):
+        argv = sys.argv[1:] if argv is None else argv
+        return relaunch_under_torchrun(recipe.parallel.nproc, "mopd_megatron.baselines.rft", argv)
+    run_rft(recipe, args.prompts)
     return 0
 
 

@@ -8,7 +8,8 @@ disk is reused, so an interrupted table resumes where it stopped. `--lr-search` 
 each method family's learning rate on dev (seed 0's world, one run per rate).
 `baselines.docs` then turns the results into the Markdown table and the plots.
 
-Command line: `python tools/repro_toy_table.py --profile full|ci [--seeds 0 1 2] ...`.
+Command line: `mopd-megatron baseline table --profile full|ci [--seeds 0 1 2] ...`, or the same
+arguments to `python tools/repro_toy_table.py`.
 """
 
 from __future__ import annotations
@@ -226,9 +227,19 @@ def _lr_override(text: str) -> tuple[str, float]:
     return family, float(value)
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_line(argv: list[str] | None) -> str:
+    """How the table was asked for (either entry point), as the docs quote it."""
+    entry = ["mopd-megatron", "baseline", "table"]
+    if Path(sys.argv[0]).name != "mopd-megatron":
+        entry = ["python", sys.argv[0]]
+    return " ".join(shlex.quote(a) for a in [*entry, *(sys.argv[1:] if argv is None else argv)])
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run the table (see the module docstring); returns 0."""
-    parser = argparse.ArgumentParser(description="Toy reproduction of the MOPD paper's table.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Toy reproduction of the MOPD paper's table."
+    )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
     parser.add_argument("--out", default="runs/toy_table", help="runs and results")
     parser.add_argument(
@@ -279,9 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in METHODS if m in args.methods]
     for seed in args.seeds:
         run_seed(out, seed, profile, budget, methods)
-    command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     invocation = {
-        "command": command,
+        "command": command_line(argv),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "minutes": (time.perf_counter() - started) / 60,
         "threads": args.threads,
