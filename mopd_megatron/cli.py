@@ -24,11 +24,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.rollout_only:  # the engines only: no Megatron, no torchrun
+        from .sources import rollout_only
+
+        rollout_only(recipe, args.rollout_only)
+        return 0
     if needs_relaunch(recipe.parallel.nproc):
         return relaunch_under_torchrun(recipe.parallel.nproc, "mopd_megatron.cli", sys.argv[1:])
     from .train import train
 
-    train(recipe)
+    train(recipe, train_only=args.train_only)
     return 0
 
 
@@ -77,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run MOPD training from a YAML recipe")
     train.add_argument("recipe", help="recipe YAML (see recipes/)")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    debug = train.add_mutually_exclusive_group()
+    debug.add_argument("--rollout-only", metavar="DIR",
+                       help="debug: sample and score train.steps steps with the initial weights "
+                            "and save them in DIR (engines only, no training)")
+    debug.add_argument("--train-only", metavar="DIR",
+                       help="debug: train on the trajectories a --rollout-only run saved in DIR "
+                            "(no engines: no weight sync, no evaluation)")
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="build the toy world and run MOPD on CPU end to end")

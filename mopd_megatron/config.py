@@ -68,10 +68,8 @@ class ParallelConfig:
 
     @property
     def use_sequence_parallel(self) -> bool:
-        return self.tp > 1 if self.sequence_parallel is None else self.sequence_parallel
-
-    def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (self.tp * self.pp * self.cp)
+        """Whether Megatron splits the sequence over TP ranks (it takes tp > 1)."""
+        return self.tp > 1 and self.sequence_parallel is not False
 
     @property
     def nproc(self) -> int:
@@ -135,18 +133,17 @@ class TeachersConfig:
     teachers: list[TeacherConfig] = field(default_factory=list)
     default: str | None = None
     """Teacher name for domains that no teacher lists; None = unknown domain is an error."""
-    top_k: int = 0
-    """Teacher top-k log-probs to request (the top-k loss needs 64)."""
     check_tokenizer: bool = True
     """Fail at start-up if a teacher's vocabulary differs from the student's."""
 
 
 @dataclass
 class AlgorithmConfig:
-    loss: Literal["pg", "topk", "full_rkl", "forward_kl", "grpo"] = "pg"
+    loss: Literal["pg", "topk", "full_rkl", "forward_kl", "grpo", "sft"] = "pg"
     """pg = MOPD policy gradient on the sampled token (paper default); topk = corrected
     teacher top-k reverse KL; full_rkl / forward_kl = exact full-vocabulary KL (local teacher);
-    grpo = outcome reward only, no teacher (the Mix-RL / Cascade-RL baselines)."""
+    grpo = outcome reward only, no teacher (the Mix-RL / Cascade-RL baselines); sft = token-mean
+    cross-entropy on fixed trajectories (RFT). See `mopd/objectives.py`."""
     adv_clip: float = 5.0
     """A_max: the teacher advantage is clipped to [-A_max, A_max]."""
     orm_coef: float = 0.0
@@ -156,7 +153,7 @@ class AlgorithmConfig:
     icepop_high: float = 2.0
     """IcePop gate: tokens with pi_theta/mu_theta above this get weight 0."""
     topk: int = 64
-    """k of the teacher top-k loss."""
+    """k of the teacher top-k loss: the teachers are asked for their top-k log-probs."""
 
 
 @dataclass
@@ -203,7 +200,6 @@ class CheckpointConfig:
 class LoggingConfig:
     dir: str = "runs/mopd"
     tensorboard: bool = True
-    log_interval: int = 1
     eval_interval: int = 0
     """Steps between held-out evaluations (0 = only at start and end)."""
 
@@ -291,6 +287,16 @@ class Recipe:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
     """Where the recipe came from (for error messages); not a YAML key."""
+
+    @property
+    def checkpoint_root(self) -> Path:
+        """Where the run's `iter_*` checkpoints go (`checkpoint.dir`, else under the run)."""
+        return Path(self.checkpoint.dir or Path(self.logging.dir) / "checkpoints")
+
+    @property
+    def hf_export_dir(self) -> Path:
+        """Where the final student is exported as an HF checkpoint."""
+        return self.checkpoint_root / "hf"
 
 
 # ---------------------------------------------------------------------------------------
@@ -422,15 +428,14 @@ def validate(recipe: Recipe) -> None:
             f"{src}: IcePop bounds need 0 < algorithm.icepop_low < 1 < algorithm.icepop_high, "
             f"got [{a.icepop_low}, {a.icepop_high}]"
         )
-    if a.loss == "grpo" and recipe.rollout.n_samples_per_prompt < 2:
+    from .mopd.objectives import OBJECTIVES  # imported here: objectives import this module
+
+    need = OBJECTIVES[a.loss].min_samples_per_prompt
+    if recipe.rollout.n_samples_per_prompt < need:
         raise RecipeError(
-            f"{src}: algorithm.loss 'grpo' needs rollout.n_samples_per_prompt >= 2 (its advantage "
-            f"compares the samples of one prompt), got {recipe.rollout.n_samples_per_prompt}"
-        )
-    if a.loss == "topk" and recipe.teachers.top_k < a.topk:
-        raise RecipeError(
-            f"{src}: algorithm.loss 'topk' needs teachers.top_k >= algorithm.topk ({a.topk}), "
-            f"got {recipe.teachers.top_k}"
+            f"{src}: algorithm.loss '{a.loss}' needs rollout.n_samples_per_prompt >= {need} (its "
+            f"advantage compares the samples of one prompt), got "
+            f"{recipe.rollout.n_samples_per_prompt}"
         )
     names = [t.name for t in recipe.teachers.teachers]
     if len(set(names)) != len(names) or "" in names:

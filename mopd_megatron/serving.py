@@ -47,9 +47,31 @@ class Serving:
         return scores
 
 
+class NoServing:
+    """The serving side on ranks that own no engine (and in `--train-only` runs): nothing to
+    call, nothing to evaluate, so the loop runs the same code on every rank."""
+
+    rollout = teachers = weight_sync = None
+
+    def evaluate(self, tokenizer, records, max_new_tokens: int) -> None:
+        return None
+
+    def evaluate_teachers(self, tokenizer, records, max_new_tokens: int) -> dict:
+        return {}
+
+
 @contextmanager
-def start_serving(recipe: Recipe, run_dir: Path):
-    """Start (or attach to) every engine the recipe names; stop them all on exit."""
+def start_serving(recipe: Recipe, run_dir: Path, owner: bool = True):
+    """Start (or attach to) every engine the recipe names; stop them all on exit.
+
+    Args:
+        recipe: the run's recipe (rollout engine, teachers, weight sync).
+        run_dir: the engines' logs go to `<run_dir>/logs`.
+        owner: whether this process owns the engines (global rank 0); others get `NoServing`.
+    """
+    if not owner:
+        yield NoServing()
+        return
     log_dir = Path(run_dir) / "logs"
     with ExitStack() as stack:
         # The rollout engine starts while the teachers start; both are healthy past this block.

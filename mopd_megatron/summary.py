@@ -49,10 +49,12 @@ def step_scalars(
 
 
 def write_final_report(
-    run_dir: Path, recipe: Recipe, before: dict | None, after: dict | None,
-    teacher_scores: dict[str, dict[str, float]], hf_dir: Path | None, wall_seconds: float,
+    run_dir: Path, recipe: Recipe, *, objective_name: str, before: dict | None,
+    after: dict | None, teacher_scores: dict[str, dict[str, float]], hf_dir: Path | None,
+    wall_seconds: float,
 ) -> Path | None:
-    """report.md + plots + scores.json: student before/after and each domain's teacher."""
+    """report.md + plots + scores.json: student before/after and each domain's teacher
+    (None where there is nothing to report: no held-out scores, or not the owner rank)."""
     if not after:
         return None
     teacher_row = {d: s for scores in teacher_scores.values() for d, s in scores.items()}
@@ -69,7 +71,7 @@ def write_final_report(
         "recipe": recipe.source,
         "student": recipe.model.hf_path,
         "layout": f"tp={p.tp} pp={p.pp} ep={p.ep} (sp={p.use_sequence_parallel})",
-        "loss": f"{recipe.algorithm.loss} (orm_coef={recipe.algorithm.orm_coef})",
+        "loss": f"{objective_name} (orm_coef={recipe.algorithm.orm_coef})",
         "steps": f"{recipe.train.steps} x {recipe.data.prompts_per_step} prompts x "
                  f"{recipe.rollout.n_samples_per_prompt} samples",
         "wall time": f"{wall_seconds / 60:.1f} min",

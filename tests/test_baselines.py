@@ -18,7 +18,10 @@ from mopd_megatron.baselines.docs import write_docs
 from mopd_megatron.baselines.evaluation import normalized
 from mopd_megatron.baselines.methods import Budget
 from mopd_megatron.baselines.rft import sample_verified
-from mopd_megatron.baselines.sft import EpochBatches, sft_batch, sft_loss
+from mopd_megatron.baselines.sft import EpochBatches
+from mopd_megatron.config import AlgorithmConfig
+from mopd_megatron.mopd.batch import build_batch
+from mopd_megatron.mopd.objectives import LossContext, build_objective
 from mopd_megatron.data import PromptRecord
 from mopd_megatron.rollout.types import Generation, SamplingParams
 from mopd_megatron.trajectory import Trajectory
@@ -82,9 +85,10 @@ def _trajectory(prompt, response, domain="add"):
 
 def test_sft_loss_is_token_mean_cross_entropy():
     trajs = [_trajectory([1, 5, 6], [7, 2]), _trajectory([1, 8], [9, 10, 2])]
-    batch = sft_batch(trajs, pad_id=0, domains=["add"])
+    batch = build_batch(trajs, pad_id=0, domains=["add"])
     logits = torch.randn(2, batch["tokens"].shape[1], 42, requires_grad=True)
-    loss_sum, units, metrics = sft_loss(logits, batch, vocab_size=42)
+    sft = build_objective(AlgorithmConfig(loss="sft"), LossContext(vocab_size=42, temperature=0.7))
+    loss_sum, units, metrics = sft(logits, batch)
     mask = batch["loss_mask"].bool()
     reference = torch.nn.functional.cross_entropy(logits[mask], batch["targets"][mask])
     assert units.item() == 5 and metrics["tokens"].item() == 5

@@ -10,7 +10,6 @@ parallel: {tp: 2, micro_batch_size: 4}
 optimizer: {lr: 3e-4}
 data: {train_files: [train.jsonl], domain_weights: {add: 0.5, rev: 0.5}}
 teachers:
-  top_k: 64
   teachers:
     - {name: arithmetic, domains: [add], model_path: /models/add}
     - {name: strings, domains: [rev], url: "http://127.0.0.1:30001", engine: url}
@@ -59,7 +58,7 @@ def test_good_recipe_and_overrides(recipe_file):
             "missing required value 'teachers.teachers[1].url'",
         ),
         (("domains: [rev]", "domains: [add]"), "domain 'add' is served by both"),
-        (("top_k: 64", "top_k: 8"), None),  # fine for the default pg loss
+        (("  teachers:\n", "  top_k: 8\n  teachers:\n"), "unknown key 'teachers.top_k'"),
     ],
 )
 def test_bad_recipes_name_the_file_and_key(recipe_file, change, message):
@@ -72,9 +71,10 @@ def test_bad_recipes_name_the_file_and_key(recipe_file, change, message):
     assert str(path) in str(err.value) and message in str(err.value)
 
 
-def test_topk_loss_needs_enough_teacher_logprobs(recipe_file):
-    with pytest.raises(RecipeError, match="teachers.top_k >= algorithm.topk"):
-        load_recipe(recipe_file(GOOD.replace("top_k: 64", "top_k: 8")), ["algorithm.loss=topk"])
+def test_outcome_only_loss_needs_several_samples_per_prompt(recipe_file):
+    with pytest.raises(RecipeError, match="'grpo' needs rollout.n_samples_per_prompt >= 2"):
+        load_recipe(recipe_file(), ["algorithm.loss=grpo"])
+    load_recipe(recipe_file(), ["algorithm.loss=grpo", "rollout.n_samples_per_prompt=4"])
 
 
 def test_missing_file_and_bad_override(tmp_path, recipe_file):

@@ -10,7 +10,7 @@ from mopd_megatron.config import AlgorithmConfig
 from mopd_megatron.mopd.advantages import grpo_advantages, teacher_advantages
 from mopd_megatron.mopd.batch import build_batch
 from mopd_megatron.mopd.icepop import icepop_weights
-from mopd_megatron.mopd.losses import mopd_loss
+from mopd_megatron.mopd.objectives import LossContext, build_objective
 from mopd_megatron.trajectory import Trajectory
 
 
@@ -90,13 +90,17 @@ def _torch_pg_loss(logits, batch, cfg):
     return total
 
 
+def _loss(logits, batch, cfg, vocab):
+    return build_objective(cfg, LossContext(vocab_size=vocab, num_domains=2))(logits, batch)
+
+
 @pytest.mark.parametrize("orm_coef", [0.0, 0.5])
 def test_pg_loss_and_gradient_match_direct_autograd(orm_coef):
     vocab = 20
     batch = build_batch(_trajectories(vocab), pad_id=0, domains=["add", "rev"])
     cfg = AlgorithmConfig(loss="pg", orm_coef=orm_coef, icepop_low=0.2, icepop_high=5.0)
     logits = torch.randn(*batch["tokens"].shape, vocab, dtype=torch.float64, requires_grad=True)
-    loss_sum, n_seq, metrics = mopd_loss(logits, batch, cfg, vocab_size=vocab, num_domains=2)
+    loss_sum, n_seq, metrics = _loss(logits, batch, cfg, vocab)
     expected = _torch_pg_loss(logits, batch, cfg)
     assert n_seq == 3
     torch.testing.assert_close(loss_sum, expected)
@@ -112,7 +116,7 @@ def test_topk_loss_with_whole_vocabulary_is_exact_reverse_kl():
     batch = build_batch(trajs, pad_id=0, domains=["add", "rev"], topk=vocab)
     cfg = AlgorithmConfig(loss="topk", topk=vocab, icepop_low=1e-6, icepop_high=1e6)
     logits = torch.randn(*batch["tokens"].shape, vocab, dtype=torch.float64, requires_grad=True)
-    loss_sum, _, _ = mopd_loss(logits, batch, cfg, vocab_size=vocab, num_domains=2)
+    loss_sum, _, _ = _loss(logits, batch, cfg, vocab)
 
     log_p = F.log_softmax(logits, -1)
     ids, lps = batch["teacher_topk_ids"], batch["teacher_topk_logprobs"].double()
@@ -141,7 +145,7 @@ def test_grpo_loss_uses_outcome_advantages_only():
     batch = build_batch(trajs, pad_id=0, domains=["add", "rev"])
     cfg = AlgorithmConfig(loss="grpo", icepop_low=1e-6, icepop_high=1e6)
     logits = torch.randn(*batch["tokens"].shape, vocab, dtype=torch.float64, requires_grad=True)
-    loss_sum, n_seq, metrics = mopd_loss(logits, batch, cfg, vocab_size=vocab, num_domains=2)
+    loss_sum, n_seq, metrics = _loss(logits, batch, cfg, vocab)
     logprob = torch.gather(F.log_softmax(logits, -1), -1, batch["targets"][..., None])[..., 0]
     ratio = torch.exp(logprob.detach() - batch["behaviour_logprobs"])
     mask = batch["loss_mask"]

@@ -20,7 +20,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def pool(tiny_moe_dir, tiny_dense_dir, tmp_path_factory):
-    cfg = TeachersConfig(top_k=3, teachers=[
+    cfg = TeachersConfig(teachers=[
         TeacherConfig(name="math", model_path=str(tiny_moe_dir), domains=["math", "arith"],
                       extra_args=["--random-seed", "1"]),
         TeacherConfig(name="code", model_path=str(tiny_dense_dir), domains=["code"]),
@@ -47,7 +47,7 @@ def test_mixed_domains_are_routed_and_come_back_in_order(pool, references):
     domains = ["math", "code", "olympiad", "arith", "code", "code", "math"]
     sequences = [torch.randint(3, 42, (9 + i,), generator=g).tolist() for i in range(7)]
     starts = [4, 2, 5, 1, 9, 3, 6]
-    scores = pool.score(sequences, starts, domains)
+    scores = pool.score(sequences, starts, domains, top_k=3)
     for seq, r, domain, s in zip(sequences, starts, domains, scores):
         with torch.no_grad():  # temperature 1: the teacher's own distribution
             logits = {k: m(torch.tensor([seq])).logits[0, r - 1:-1] for k, m in references.items()}

@@ -23,7 +23,6 @@ model: {{hf_path: {root}/student}}
 parallel: {{tp: {tp}, ep: {ep}, micro_batch_size: 4}}
 rollout: {{engine: local, max_new_tokens: 6, batch_size: 8, max_concurrency: 1}}
 teachers:
-  top_k: 64
   teachers:
     - {{name: add-teacher, domains: [add], model_path: {root}/teacher_add, max_concurrency: 1}}
     - {{name: rev-teacher, domains: [rev], model_path: {root}/teacher_rev, max_concurrency: 1}}
@@ -124,3 +123,18 @@ def test_other_layout_and_exact_kl_path_give_the_same_losses(world, reference_ru
     assert final.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(final[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rollout_only_then_train_only_reproduce_the_first_step(world, reference_run, tmp_path):
+    """slime-style debug switches: a rollout-only run saves what the engines sampled with the
+    initial weights (seeded per step), and a train-only run on that dump, with no engines,
+    trains the same first step as the full loop."""
+    dump, run = tmp_path / "dump", tmp_path / "train_only"
+    rollout = _train_command(world, tmp_path / "rollout_run", steps=2) + ["--rollout-only", str(dump)]
+    subprocess.run(rollout, env=_env(), check=True, timeout=300)
+    assert sorted(p.name for p in dump.glob("step_*.jsonl")) == [
+        "step_0000001.jsonl", "step_0000002.jsonl"]
+    train_only = _train_command(world, run, steps=2) + ["--train-only", str(dump)]
+    subprocess.run(train_only, env=_env(), check=True, timeout=300)
+    assert _losses(run)[1] == _losses(reference_run)[1]
+    assert not (run / "logs").exists()  # no engine was started

@@ -170,7 +170,6 @@ def mopd_topk(ctx: Context) -> MethodRun:
         [
             "algorithm.loss=topk",
             f"algorithm.topk={k}",
-            f"teachers.top_k={k}",
             "algorithm.orm_coef=0.0",
         ],
     )

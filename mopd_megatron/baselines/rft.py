@@ -27,14 +27,13 @@ import logging
 import sys
 import time
 from contextlib import ExitStack
-from functools import partial
 from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import parallel_state
 from transformers import AutoTokenizer
 
-from mopd_megatron.baselines.sft import EpochBatches, sft_batch, sft_loss
+from mopd_megatron.baselines.sft import EpochBatches
 from mopd_megatron.collect import evaluate_engine
 from mopd_megatron.config import Recipe, load_recipe
 from mopd_megatron.data import (
@@ -46,6 +45,8 @@ from mopd_megatron.data import (
 from mopd_megatron.hf.convert import save_hf_checkpoint
 from mopd_megatron.hf.spec import read_hf_config
 from mopd_megatron.launch.local import needs_relaunch, relaunch_under_torchrun
+from mopd_megatron.mopd.batch import build_batch
+from mopd_megatron.mopd.objectives import LossContext, SupervisedFineTuning
 from mopd_megatron.mopd.rewards import score_batch
 from mopd_megatron.report import normalized_scores, write_report
 from mopd_megatron.rollout.sglang import start_engine
@@ -168,7 +169,8 @@ def run_rft(recipe: Recipe, prompts: int) -> Path:
     model, spec = build_student(recipe.model.hf_path, recipe.model, recipe.parallel)
     model, optimizer, scheduler = setup_optimizer(model, recipe.optimizer, recipe.train.steps)
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    loss_fn = partial(sft_loss, vocab_size=spec.vocab_size, tp_group=tp_group)
+    loss_fn = SupervisedFineTuning(recipe.algorithm,
+                                   LossContext(vocab_size=spec.vocab_size, tp_group=tp_group))
     r, steps = recipe.rollout, recipe.train.steps if kept else 0
     if not kept:
         logger.warning("rft: no teacher sample was verified; the student is not fine-tuned")
@@ -199,7 +201,8 @@ def run_rft(recipe: Recipe, prompts: int) -> Path:
 
         before = evaluate(None) if evals else None
         for step in range(1, steps + 1):
-            batch = sft_batch(batches.next_batch(), tokenizer.pad_token_id, domains)
+            batch = build_batch(batches.next_batch(), pad_id=tokenizer.pad_token_id,
+                                domains=domains)
             metrics = train_step(
                 model,
                 optimizer,

@@ -1,58 +1,12 @@
-"""Supervised fine-tuning on the Megatron student: (prompt, response) token ids -> train steps.
+"""Off-policy fine-tuning data: batches of a fixed size from a pool of fixed trajectories.
 
-Consumes fixed trajectories (prompt ids + response ids, e.g. verified teacher samples) and
-produces optimizer steps through `student.train_step`, at any layout. Trajectories are
-collated by `mopd.batch.build_batch` (the one place that aligns per-token fields with the
-logits), and the loss follows `train_step`'s contract with the token as the unit:
-
-    loss_sum = −Σ_{b,t} m_{b,t} log π_θ(y_{b,t}),  num_units = Σ_{b,t} m_{b,t}
-
-so the update is the token-mean cross-entropy over the batch's response tokens
-(m = loss_mask, y = targets), whatever the layout or the number of micro-batches.
-`EpochBatches` hands out batches of a fixed size from a shuffled pool, epoch after epoch.
+`EpochBatches` hands out batches from a shuffled pool (e.g. verified teacher samples for
+RFT), epoch after epoch; the loss is `mopd.objectives.SupervisedFineTuning`.
 """
 
 from __future__ import annotations
 
 import random
-
-from torch import Tensor
-
-from mopd_megatron.kernels import vocab_parallel_logprob_entropy
-from mopd_megatron.mopd.batch import build_batch
-from mopd_megatron.trajectory import Trajectory
-
-
-def sft_loss(
-    logits: Tensor, mb: dict, *, vocab_size: int, tp_group=None
-) -> tuple[Tensor, Tensor, dict]:
-    """Token-sum cross-entropy of one micro-batch (see the module docstring).
-
-    Args:
-        logits: [b, s, V_local] this TP rank's vocabulary shard.
-        mb: the micro-batch (`targets`, `loss_mask` [b, s]).
-        vocab_size: the real vocabulary size (padded columns are masked).
-        tp_group: the tensor-parallel group the vocabulary is split over.
-
-    Returns:
-        (loss_sum, number of response tokens, {"tokens", "nll_sum"}).
-    """
-    b, s, v = logits.shape
-    logprob, _ = vocab_parallel_logprob_entropy(
-        logits.reshape(b * s, v),
-        mb["targets"].reshape(-1),
-        tp_group=tp_group,
-        vocab_size=vocab_size,
-    )
-    mask = mb["loss_mask"].float()
-    nll = -(logprob.view(b, s) * mask).sum()
-    tokens = mask.sum()
-    return nll, tokens, {"tokens": tokens.detach(), "nll_sum": nll.detach()}
-
-
-def sft_batch(trajectories: list[Trajectory], pad_id: int, domains: list[str]) -> dict:
-    """The tensor batch (tokens, targets, loss_mask, ...) of fixed trajectories."""
-    return build_batch(trajectories, pad_id=pad_id, domains=domains)
 
 
 class EpochBatches:

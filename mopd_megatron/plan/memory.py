@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from mopd_megatron.config import Recipe
 from mopd_megatron.hf.spec import HFModelSpec
+from mopd_megatron.mopd.objectives import LossContext, build_objective
 from mopd_megatron.plan.params import RankParams, rank_params, stage_layers
 
 ROW_STATS_FLOATS = 16
@@ -98,7 +99,7 @@ def layer_activation_elements(spec: HFModelSpec, recipe: Recipe) -> tuple[float,
     micro-batch and per layer, in model-dtype elements (see the module docstring)."""
     p = recipe.parallel
     h, d, tp = spec.hidden_size, spec.head_dim, p.tp
-    sp = tp if p.use_sequence_parallel and tp > 1 else 1
+    sp = tp if p.use_sequence_parallel else 1
     attention = 2 * h / sp + (3 * spec.num_attention_heads + 3 * spec.num_key_value_heads) * d / tp
     if spec.is_moe:
         k, f = spec.num_experts_per_tok, spec.moe_intermediate_size
@@ -123,18 +124,18 @@ def in_flight(recipe: Recipe, micro_batches: int, stage: int) -> float:
 
 def kl_buffer_bytes(spec: HFModelSpec, recipe: Recipe, padded_vocab: int, seq_len: int) -> int:
     """The loss's buffers on the last stage for one micro-batch (see the module docstring)."""
-    p, loss = recipe.parallel, recipe.algorithm.loss
+    p = recipe.parallel
+    objective = build_objective(recipe.algorithm, LossContext(vocab_size=spec.vocab_size))
+    needs = objective.needs
     tokens = p.micro_batch_size * seq_len // p.cp
     shard = tokens * (padded_vocab // p.tp)
     logits = 4  # Float16Module returns fp32 logits
-    kernel_calls = 1 if loss == "pg" else 2
     cast_back = _dtype_bytes(recipe) if recipe.model.dtype == "bfloat16" else 0
-    per_element = logits * (1 + kernel_calls) + cast_back
-    if loss in ("full_rkl", "forward_kl"):
+    per_element = logits * (1 + objective.kernel_passes) + cast_back
+    if needs.local_teacher_logits:
         per_element += 4  # the local teacher's logits, at the student's TP layout
     per_token = ROW_STATS_FLOATS * 4
-    if loss == "topk":
-        per_token += recipe.algorithm.topk * (8 + 4)  # int64 ids and fp32 log-probs
+    per_token += needs.teacher_top_k * (8 + 4)  # int64 ids and fp32 log-probs
     return shard * per_element + tokens * per_token
 
 
@@ -159,7 +160,7 @@ def student_memory(
     distributed = recipe.optimizer.use_distributed_optimizer
     full, recomputed = layer_activation_elements(spec, recipe)
     tokens = p.micro_batch_size * shape.seq_len / p.cp
-    sp = p.tp if p.use_sequence_parallel and p.tp > 1 else 1
+    sp = p.tp if p.use_sequence_parallel else 1
     layers = stage_layers(spec.num_layers, p.pp)
     stages = []
     for stage in range(p.pp):

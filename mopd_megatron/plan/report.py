@@ -28,7 +28,7 @@ def format_plan(plan: Plan) -> str:
         f"{_billions(m.active)} active, {_billions(m.non_embedding)} non-embedding; vocabulary "
         f"{plan.spec.vocab_size}, padded to {plan.padded_vocab} at tp {p.tp}"
     )
-    features = [r.model.dtype, "sequence parallel" if p.use_sequence_parallel and p.tp > 1 else
+    features = [r.model.dtype, "sequence parallel" if p.use_sequence_parallel else
                 "no sequence parallel",
                 "distributed optimizer" if r.optimizer.use_distributed_optimizer else
                 "replicated optimizer",

@@ -79,7 +79,7 @@ def transformer_config(
         "context_parallel_size": parallel_cfg.cp,
         "expert_model_parallel_size": parallel_cfg.ep,
         "expert_tensor_parallel_size": parallel_cfg.etp,
-        "sequence_parallel": parallel_cfg.use_sequence_parallel and parallel_cfg.tp > 1,
+        "sequence_parallel": parallel_cfg.use_sequence_parallel,
         "params_dtype": dtype,
         "pipeline_dtype": dtype,
         "bf16": dtype == torch.bfloat16,
@@ -194,7 +194,8 @@ def build_model(
 
 
 def build_student(
-    hf_dir: str | Path, model_cfg: ModelConfig, parallel_cfg: ParallelConfig, **config_overrides
+    hf_dir: str | Path, model_cfg: ModelConfig, parallel_cfg: ParallelConfig,
+    spec: HFModelSpec | None = None, **config_overrides
 ) -> tuple[list[torch.nn.Module], HFModelSpec]:
     """Build the student at this rank's layout and load the HF checkpoint into it.
 
@@ -204,12 +205,13 @@ def build_student(
         hf_dir: HF checkpoint folder (config.json + safetensors).
         model_cfg: the model recipe stage.
         parallel_cfg: the layout.
+        spec: the folder's architecture, when the caller has read it already.
         **config_overrides: extra `TransformerConfig` fields.
 
     Returns:
         (model chunks, one per virtual stage; the HF spec).
     """
-    spec = read_hf_config(hf_dir)
+    spec = spec or read_hf_config(hf_dir)
     chunks = build_model(spec, model_cfg, parallel_cfg, **config_overrides)
     load_hf_weights(chunks, hf_dir, spec)
     return chunks, spec

@@ -95,18 +95,17 @@ class TeacherPool:
         clients: Teacher name -> its server's client (teachers may share a client).
         routes: Domain -> teacher name.
         default: Teacher for domains not in `routes` (None = such a domain is an error).
-        top_k: Top-k log-probs per position to request by default (0 = none).
         handles: Engines to stop with the pool.
     """
 
     def __init__(self, clients: dict[str, EngineClient], routes: dict[str, str],
-                 default: str | None = None, top_k: int = 0,
+                 default: str | None = None,
                  handles: Sequence[EngineHandle] = ()):
         unknown = {t for t in [*routes.values(), default] if t is not None} - set(clients)
         if unknown:
             raise ValueError(f"routes name teachers without a client: {sorted(unknown)}")
         self.clients, self.routes, self.default = clients, routes, default
-        self.top_k, self.handles = top_k, list(handles)
+        self.handles = list(handles)
 
     @classmethod
     def start(cls, cfg: TeachersConfig, student_path: str | Path, log_dir: str | Path = ".",
@@ -146,7 +145,7 @@ class TeacherPool:
             raise
         clients = {t.name: handles[_endpoint(t)].client for t in cfg.teachers}
         routes = {d: t.name for t in cfg.teachers for d in t.domains}
-        return cls(clients, routes, cfg.default, cfg.top_k, list(handles.values()))
+        return cls(clients, routes, cfg.default, list(handles.values()))
 
     @property
     def names(self) -> list[str]:
@@ -162,14 +161,15 @@ class TeacherPool:
         return resolve_route(self.routes, self.default, domain)
 
     async def ascore(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-                     domains: Sequence[str], top_k: int | None = None) -> list[Scores]:
+                     domains: Sequence[str], top_k: int = 0) -> list[Scores]:
         """Score each sequence from its response start with its domain's teacher.
 
         Args:
             sequences: Token ids of prompt + response.
             response_starts: Index of the first response token in each sequence (>= 1).
             domains: Each sequence's domain.
-            top_k: Top-k per position (None = the pool's default).
+            top_k: Top-k log-probs per position to return as well (0 = none; the objective
+                says how many it needs).
 
         Returns:
             One `Scores` per sequence, in input order.
@@ -177,13 +177,12 @@ class TeacherPool:
         if not len(sequences) == len(response_starts) == len(domains):
             raise ValueError(f"{len(sequences)} sequences, {len(response_starts)} starts and "
                              f"{len(domains)} domains")
-        k = self.top_k if top_k is None else top_k
         groups: dict[int, tuple[EngineClient, list[int]]] = {}
         for i, domain in enumerate(domains):
             client = self.clients[self.route(domain)]
             groups.setdefault(id(client), (client, []))[1].append(i)
         parts = await asyncio.gather(*(
-            client.ascore([sequences[i] for i in idx], [response_starts[i] for i in idx], k)
+            client.ascore([sequences[i] for i in idx], [response_starts[i] for i in idx], top_k)
             for client, idx in groups.values()))
         out: list[Scores | None] = [None] * len(sequences)
         for (_, idx), scores in zip(groups.values(), parts):
@@ -192,7 +191,7 @@ class TeacherPool:
         return out
 
     def score(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-              domains: Sequence[str], top_k: int | None = None) -> list[Scores]:
+              domains: Sequence[str], top_k: int = 0) -> list[Scores]:
         """Blocking `ascore`."""
         return run_sync(self.ascore(sequences, response_starts, domains, top_k))
 

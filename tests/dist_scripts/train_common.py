@@ -45,7 +45,7 @@ def toy_batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def sequence_losses(logprob: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence −(1/|y|) Σ_t w_t logprob_t [B] and the count of sequences with tokens."""
-    from mopd_megatron.mopd.losses import sequence_mean
+    from mopd_megatron.mopd.objectives import sequence_mean
 
     mask = batch["loss_mask"]
     per_seq = -sequence_mean(batch["weights"] * logprob, mask)
