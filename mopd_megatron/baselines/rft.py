@@ -29,35 +29,24 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-import torch.distributed as dist
-from megatron.core import parallel_state
 from transformers import AutoTokenizer
 
 from mopd_megatron.baselines.sft import EpochBatches
 from mopd_megatron.collect import evaluate_engine
 from mopd_megatron.config import Recipe, load_recipe
-from mopd_megatron.data import (
-    DomainMixSampler,
-    PromptRecord,
-    load_prompts,
-    tokenize_records,
-)
-from mopd_megatron.hf.convert import save_hf_checkpoint
-from mopd_megatron.hf.spec import read_hf_config
+from mopd_megatron.data import DomainMixSampler, PromptRecord
+from mopd_megatron.data.prompt_set import load_prompt_set
 from mopd_megatron.launch.local import needs_relaunch, relaunch_under_torchrun
 from mopd_megatron.mopd.batch import build_batch
-from mopd_megatron.mopd.objectives import LossContext, SupervisedFineTuning
+from mopd_megatron.mopd.objectives import SupervisedFineTuning
 from mopd_megatron.mopd.rewards import score_batch
 from mopd_megatron.report import normalized_scores, write_report
 from mopd_megatron.rollout.sglang import start_engine
 from mopd_megatron.rollout.transport import run_sync
 from mopd_megatron.rollout.types import SamplingParams
-from mopd_megatron.student.model import build_student
-from mopd_megatron.student.optimizer import setup_optimizer
-from mopd_megatron.student.parallel import init_parallel, teardown_parallel
-from mopd_megatron.student.train_step import slice_for_data_parallel, train_step
+from mopd_megatron.sources import broadcast_from_leader
+from mopd_megatron.student.student import Student
 from mopd_megatron.sync import make_weight_sync
-from mopd_megatron.sync.student import push_student_weights
 from mopd_megatron.teachers import TeacherPool
 from mopd_megatron.tracking import RunTracker
 from mopd_megatron.trajectory import Trajectory
@@ -121,12 +110,6 @@ async def sample_verified(
     return kept, dict(sorted(stats.items()))
 
 
-def _broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _sample_teachers(recipe: Recipe, tokenizer, train, evals, prompts: int, run_dir: Path):
     """Stage 1 on the leader: verified samples, their counts, and the teachers' accuracy."""
     r = recipe.rollout
@@ -150,27 +133,20 @@ def _sample_teachers(recipe: Recipe, tokenizer, train, evals, prompts: int, run_
 def run_rft(recipe: Recipe, prompts: int) -> Path:
     """Run both stages as the module docstring says; returns the run directory."""
     started = time.perf_counter()
-    spec = read_hf_config(recipe.model.hf_path)
-    leader = init_parallel(recipe.parallel, recipe.train.seed, spec, recipe.source).rank == 0
     run_dir = Path(recipe.logging.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.hf_path)
-    chat = recipe.data.apply_chat_template
-    train = tokenize_records(load_prompts(recipe.data.train_files), tokenizer, chat)
-    eval_files = recipe.data.eval_files
-    evals = tokenize_records(load_prompts(eval_files), tokenizer, chat) if eval_files else []
-    domains = sorted({x.domain for x in train + evals})
+    data = load_prompt_set(recipe.data, tokenizer, recipe.train.seed)
+    train, evals, domains = data.train, data.held_out, data.domains
+    student = Student.build(recipe)
+    leader = student.is_leader
     found = _sample_teachers(recipe, tokenizer, train, evals, prompts, run_dir) if leader else None
-    kept, stats, teachers = _broadcast(found)
+    kept, stats, teachers = broadcast_from_leader(found)
     if leader:
         (run_dir / "rft.json").write_text(
             json.dumps({"prompts": prompts, "samples": stats}, indent=2)
         )
-    model, spec = build_student(recipe.model.hf_path, recipe.model, recipe.parallel)
-    model, optimizer, scheduler = setup_optimizer(model, recipe.optimizer, recipe.train.steps)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    loss_fn = SupervisedFineTuning(recipe.algorithm,
-                                   LossContext(vocab_size=spec.vocab_size, tp_group=tp_group))
+    loss_fn = SupervisedFineTuning(recipe.algorithm, student.loss_context(len(domains)))
     r, steps = recipe.rollout, recipe.train.steps if kept else 0
     if not kept:
         logger.warning("rft: no teacher sample was verified; the student is not fine-tuned")
@@ -192,7 +168,7 @@ def run_rft(recipe: Recipe, prompts: int) -> Path:
 
         def evaluate(version: str | None) -> dict | None:
             if version is not None:
-                push_student_weights(model, spec, sync, version)
+                student.push_weights(sync, version)
             return (
                 run_sync(evaluate_engine(engine.client, tokenizer, evals, r.max_new_tokens))
                 if engine
@@ -203,27 +179,19 @@ def run_rft(recipe: Recipe, prompts: int) -> Path:
         for step in range(1, steps + 1):
             batch = build_batch(batches.next_batch(), pad_id=tokenizer.pad_token_id,
                                 domains=domains)
-            metrics = train_step(
-                model,
-                optimizer,
-                scheduler,
-                slice_for_data_parallel(batch),
-                loss_fn,
-                recipe.parallel.micro_batch_size,
-            )
+            metrics = student.step(batch, loss_fn)
             scalars = {k: metrics[k] for k in ("loss", "grad_norm", "lr")}
             if evals and recipe.logging.eval_interval and step % recipe.logging.eval_interval == 0:
                 scalars.update({f"eval/{d}": v for d, v in (evaluate(str(step)) or {}).items()})
             tracker.log(step, scalars, ("loss",))
         after = evaluate(str(steps)) if evals else None
-        hf_dir = Path(recipe.checkpoint.dir or run_dir / "checkpoints") / "hf"
-        save_hf_checkpoint(model, spec, hf_dir, recipe.model.hf_path)
+        student.export_hf(recipe.hf_export_dir)
     if leader and after:
         _write_report(
             run_dir, recipe, before, teachers, after, stats, prompts, time.perf_counter() - started
         )
     tracker.close()
-    teardown_parallel()
+    student.close()
     return run_dir
 
 

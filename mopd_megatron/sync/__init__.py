@@ -3,8 +3,8 @@
 `make_weight_sync(rollout_cfg, client, ...)` picks the path from `rollout.sync_mode`
 (tensor | disk | distributed); each has `push(buckets, weight_version=None)`.
 `probe_gap` measures the engine/trainer log-prob gap afterwards. These take buckets from
-any source and import no Megatron code; `sync.student` is the one module that drives the
-Megatron student's exporter (on every rank) into them.
+any source and import no Megatron code; `Student.push_weights` drives the Megatron
+student's exporter (on every rank) into them.
 """
 
 from __future__ import annotations
