@@ -1,6 +1,6 @@
-"""`mopd-megatron` command line: train, demo, convert, plan, launch, baseline.
+"""`mopd-megatron` command line: train, demo, convert, plan, launch.
 
-`train` (and `baseline rft`) starts torchrun by itself when the recipe's layout needs more than
+`train` starts torchrun by itself when the recipe's layout needs more than
 one rank and the command was not already launched by torchrun (or SLURM's srun through
 tools/launch).
 """
@@ -8,7 +8,6 @@ tools/launch).
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -60,21 +59,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-BASELINES = {
-    "rft": "mopd_megatron.baselines.rft",
-    "cascade": "mopd_megatron.baselines.cascade",
-    "merge": "mopd_megatron.baselines.merge",
-    "table": "mopd_megatron.baselines.table",
-}
-"""`mopd-megatron baseline METHOD ...` runs the method module's own command line. Mix-RL needs
-no entry of its own: it is `train RECIPE algorithm.loss=grpo`."""
-
-
-def cmd_baseline(args: argparse.Namespace) -> int:
-    module = importlib.import_module(BASELINES[args.method])
-    return module.main(args.args, prog=f"mopd-megatron baseline {args.method}") or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mopd-megatron", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,19 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--ep", type=int, default=1)
     convert.set_defaults(func=cmd_convert)
 
-    baseline = sub.add_parser(
-        "baseline", help="the paper's baselines: RFT, Cascade RL, merges; the toy table")
-    baseline.add_argument("method", choices=list(BASELINES))
-    baseline.add_argument("args", nargs=argparse.REMAINDER,
-                          help="the method's own arguments (`baseline METHOD --help` lists them)")
-    baseline.set_defaults(func=cmd_baseline)
-
     plan_cli.add_parser(sub)
     launch_cli.add_parser(sub)
     return parser
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
+def user_errors() -> tuple[type[Exception], ...]:
     """Bad input that deserves a one-line message rather than a traceback."""
     from .data import PromptDataError
     from .hf.safetensors_io import HFCheckpointError
@@ -139,10 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("mopd_megatron").setLevel(logging.INFO)  # our progress, not Megatron's
+    return run_reporting_errors(f"mopd-megatron {args.command}", args.func, args)
+
+
+def run_reporting_errors(prog: str, func, *args) -> int:
+    """Run a command: bad input ends in one line on stderr and exit code 2, not a traceback."""
     try:
-        return args.func(args)
-    except _user_errors() as err:
-        print(f"mopd-megatron {args.command}: error: {err}", file=sys.stderr)
+        return func(*args) or 0
+    except user_errors() as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
 
 

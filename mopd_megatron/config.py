@@ -119,6 +119,12 @@ class RolloutConfig(EngineConfig):
     """How new student weights reach the rollout engine."""
     sync_check: bool = True
     """After each sync, compare engine and trainer log-probs on a fixed probe."""
+    source: Literal["on_policy", "teacher_samples"] = "on_policy"
+    """Where training trajectories come from: on_policy = the student's own samples (MOPD,
+    RL); teacher_samples = verified samples of each prompt's teacher, drawn once at the start
+    (off-policy fine-tuning, RFT; train with algorithm.loss: sft)."""
+    teacher_sample_prompts: int = 0
+    """teacher_samples: prompts to sample teachers on (x n_samples_per_prompt); 0 = all."""
 
 
 @dataclass
@@ -396,6 +402,27 @@ def to_dict(recipe: Recipe) -> dict:
     return data
 
 
+def edit_recipe(recipe: Recipe, **stages: dict[str, Any]) -> Recipe:
+    """A copy of `recipe` with fields of its stages replaced, validated again.
+
+    `edit_recipe(r, parallel={"tp": 2}, train={"steps": 10})`: a misspelt stage or field is
+    a TypeError from `dataclasses.replace`, as in any typed code.
+    """
+    changes = {name: dataclasses.replace(getattr(recipe, name), **fields)
+               for name, fields in stages.items()}
+    edited = dataclasses.replace(recipe, **changes)
+    validate(edited)
+    return edited
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    """Write `recipe` as a YAML file that `load_recipe` reads back to an equal recipe."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    return path
+
+
 # ---------------------------------------------------------------------------------------
 # Validation
 
@@ -427,6 +454,11 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(
             f"{src}: IcePop bounds need 0 < algorithm.icepop_low < 1 < algorithm.icepop_high, "
             f"got [{a.icepop_low}, {a.icepop_high}]"
+        )
+    if (recipe.rollout.source == "teacher_samples") != (a.loss == "sft"):
+        raise RecipeError(
+            f"{src}: rollout.source 'teacher_samples' goes with algorithm.loss 'sft' (fine-tuning "
+            f"on fixed samples), got source {recipe.rollout.source!r} with loss {a.loss!r}"
         )
     from .mopd.objectives import OBJECTIVES  # imported here: objectives import this module
 

@@ -9,10 +9,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn (the
+    training loop itself never needs it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def normalized_scores(
@@ -30,6 +36,7 @@ def plot_domain_scores(scores: dict[str, dict[str, float]], path: Path, title: s
     """Grouped bars: one group per domain, one bar per row of `scores` (label -> domain -> acc)."""
     domains = list(next(iter(scores.values())))
     width = 0.8 / len(scores)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(domains), 3.6))
     for i, (label, by_domain) in enumerate(scores.items()):
         xs = [j + i * width for j in range(len(domains))]
@@ -52,6 +59,7 @@ def plot_history(history_file: Path, keys: list[str], path: Path) -> None:
     keys = [k for k in keys if any(k in r for r in rows)] + evals
     if not keys:
         return
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in rows if key in r]

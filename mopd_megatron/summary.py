@@ -10,6 +10,10 @@ from .config import Recipe
 from .report import normalized_scores, write_report
 from .trajectory import Trajectory
 
+TOKEN_MEANS = {"kl/mean": "kl_sum", "entropy": "entropy_sum", "icepop/gated": "icepop_gated",
+               "adv/mean": "adv_sum", "nll": "nll_sum"}
+"""Scalar name -> the metric sum it is the per-token mean of."""
+
 
 def _ratio(num, den) -> float:
     den = float(den)
@@ -25,12 +29,14 @@ def step_scalars(
         "loss": float(metrics["loss"]),
         "grad_norm": float(metrics.get("grad_norm", 0.0)),
         "lr": float(metrics.get("lr", 0.0)),
-        "kl/mean": _ratio(metrics["kl_sum"], tokens),
-        "entropy": _ratio(metrics["entropy_sum"], tokens),
-        "icepop/gated": _ratio(metrics["icepop_gated"], tokens),
-        "adv/mean": _ratio(metrics["adv_sum"], tokens),
     }
-    out["adv/std"] = math.sqrt(max(_ratio(metrics["adv_sq_sum"], tokens) - out["adv/mean"] ** 2, 0))
+    # Per-token means of the sums the objective reports (fine-tuning reports only some).
+    for name, key in TOKEN_MEANS.items():
+        if key in metrics:
+            out[name] = _ratio(metrics[key], tokens)
+    if "adv_sq_sum" in metrics:
+        second = _ratio(metrics["adv_sq_sum"], tokens)
+        out["adv/std"] = math.sqrt(max(second - out["adv/mean"] ** 2, 0))
     for i, domain in enumerate(domains):
         if float(metrics.get(f"tokens/{i}", 0)):
             out[f"kl/{domain}"] = _ratio(metrics[f"kl_sum/{i}"], metrics[f"tokens/{i}"])

@@ -20,8 +20,6 @@ from transformers import AutoTokenizer
 
 from .config import Recipe, to_dict
 from .data.prompt_set import load_prompt_set
-from .hf.convert import HF_CONFIG_DIR
-from .hf.safetensors_io import copy_hf_metadata
 from .mopd.batch import build_batch
 from .mopd.objectives import build_objective
 from .serving import start_serving
@@ -29,6 +27,7 @@ from .sources import OnPolicySource, SavedTrajectories
 from .student.local_teacher import LocalTeachers
 from .student.student import Student
 from .summary import step_scalars, write_final_report
+from .teacher_samples import TeacherSamples
 from .teachers import teacher_for
 from .tracking import RunTracker
 
@@ -46,67 +45,68 @@ def build_loss(recipe: Recipe, student: Student, domains: list[str]):
     return LocalTeachers(paths, recipe.model, recipe.parallel).wrap(objective), objective
 
 
+def trajectory_source(recipe: Recipe, serving, tokenizer, prompts, objective, train_only):
+    """Saved dumps (`--train-only`), verified teacher samples (RFT) or on-policy sampling."""
+    if train_only:
+        return SavedTrajectories(train_only)
+    if recipe.rollout.source == "teacher_samples":
+        return TeacherSamples(serving, tokenizer, prompts.train, recipe)
+    return OnPolicySource(serving, tokenizer, prompts.sampler, recipe, objective.needs)
+
+
 def train(recipe: Recipe, train_only: str | Path | None = None) -> Path:
     """Run MOPD as the recipe says; returns the run directory (report.md inside).
-
-    Args:
-        recipe: the validated recipe.
-        train_only: train on the trajectories a `--rollout-only` run saved there, with no
-            engines (no weight sync, no evaluation).
-    """
+    `train_only`: a folder a `--rollout-only` run filled; no engines start (no sync, no eval)."""
     started = time.perf_counter()
     run_dir, ckpt_root, r = Path(recipe.logging.dir), recipe.checkpoint_root, recipe.rollout
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.hf_path)
     prompts = load_prompt_set(recipe.data, tokenizer, recipe.train.seed)  # before any model
-    held_out, domains, sampler = prompts.held_out, prompts.domains, prompts.sampler
     student = Student.build(recipe)
-    loss, objective = build_loss(recipe, student, domains)
-    if student.is_leader:  # makes every iter_*/ convertible with `mopd-megatron convert`
-        copy_hf_metadata(recipe.model.hf_path, ckpt_root / HF_CONFIG_DIR)
+    loss, objective = build_loss(recipe, student, prompts.domains)
     resumed = student.load(ckpt_root) if recipe.checkpoint.resume else None
     start_step = resumed["step"] if resumed else 0
     if resumed:
-        sampler.load_state_dict(resumed["sampler"])
+        prompts.sampler.load_state_dict(resumed["sampler"])
     tracker = RunTracker(run_dir, recipe.train.steps, tensorboard=recipe.logging.tensorboard,
                          enabled=student.is_leader, start_step=start_step)
     with ExitStack() as stack:
         serving = stack.enter_context(
             start_serving(recipe, run_dir, owner=student.is_leader and not train_only))
-        source = (SavedTrajectories(train_only) if train_only
-                  else OnPolicySource(serving, tokenizer, sampler, recipe, objective.needs))
+        source = trajectory_source(recipe, serving, tokenizer, prompts, objective, train_only)
         if start_step:  # the engine started from the HF weights; give it the resumed ones
             student.push_weights(serving.weight_sync, str(start_step))
 
         def evaluate():
-            return serving.evaluate(tokenizer, held_out, r.max_new_tokens)
+            return serving.evaluate(tokenizer, prompts.held_out, r.max_new_tokens)
 
         before = resumed.get("before") if resumed else evaluate()
         for step in range(start_step + 1, recipe.train.steps + 1):
             t0 = time.perf_counter()
             trajectories = source.next(step)
             t1 = time.perf_counter()
-            batch = build_batch(trajectories, pad_id=tokenizer.pad_token_id, domains=domains,
-                                topk=objective.needs.teacher_top_k)
+            batch = build_batch(trajectories, pad_id=tokenizer.pad_token_id,
+                                domains=prompts.domains, topk=objective.needs.teacher_top_k)
             metrics = student.step(batch, loss)
             t2 = time.perf_counter()
             gap = None
-            if not train_only:
+            if not train_only:  # a train-only run has no engine to sync or probe
                 student.push_weights(serving.weight_sync, str(step))
-            if r.sync_check and not train_only:
-                length = min(len(t.token_ids) for t in trajectories[:PROBE_SEQUENCES])
-                gap = student.probe_gap(serving.rollout, batch["tokens"][:PROBE_SEQUENCES, :length])
+                if r.sync_check:
+                    length = min(len(t.token_ids) for t in trajectories[:PROBE_SEQUENCES])
+                    probe = batch["tokens"][:PROBE_SEQUENCES, :length]
+                    gap = student.probe_gap(serving.rollout, probe)
             times = {"rollout": t1 - t0, "train": t2 - t1, "sync": time.perf_counter() - t2}
-            scalars = step_scalars(metrics, trajectories, domains, times, gap)
+            scalars = step_scalars(metrics, trajectories, prompts.domains, times, gap)
             if recipe.logging.eval_interval and step % recipe.logging.eval_interval == 0:
                 scalars.update({f"eval/{d}": v for d, v in (evaluate() or {}).items()})
             tracker.log(step, scalars, ("loss", "kl/mean", "reward/mean", "icepop/gated"))
             if step % recipe.checkpoint.save_interval == 0 or step == recipe.train.steps:
-                extra = {"step": step, "sampler": sampler.state_dict(), "before": before,
+                extra = {"step": step, "sampler": prompts.sampler.state_dict(), "before": before,
                          "recipe": to_dict(recipe)}
                 student.save(ckpt_root, step, extra, recipe.checkpoint.keep_last)
         after = evaluate()
         hf_dir = student.export_hf(recipe.hf_export_dir) if recipe.checkpoint.export_hf else None
-        teachers = serving.evaluate_teachers(tokenizer, held_out, r.max_new_tokens)
+        teachers = serving.evaluate_teachers(tokenizer, prompts.held_out, r.max_new_tokens)
         report = write_final_report(run_dir, recipe, objective_name=objective.name,
                                     before=before, after=after, teacher_scores=teachers,
                                     hf_dir=hf_dir, wall_seconds=time.perf_counter() - started)

@@ -10,20 +10,19 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import make_tiny_hf_model
 
-from mopd_megatron import cli
-from mopd_megatron.baselines import merge
-from mopd_megatron.baselines.cascade import cascade_stages
-from mopd_megatron.baselines.curves import Segment, mean_curve, normalized_curve
-from mopd_megatron.baselines.docs import write_docs
-from mopd_megatron.baselines.evaluation import normalized
-from mopd_megatron.baselines.methods import Budget
-from mopd_megatron.baselines.rft import sample_verified
-from mopd_megatron.baselines.sft import EpochBatches
+from experiments import merge
+from experiments.cascade import cascade_stages
+from experiments.curves import Segment, mean_curve, normalized_curve
+from experiments.docs import write_docs
+from experiments.evaluation import normalized
+from experiments.methods import Budget
+from mopd_megatron.cli import run_reporting_errors
 from mopd_megatron.config import AlgorithmConfig
+from mopd_megatron.data import PromptRecord
 from mopd_megatron.mopd.batch import build_batch
 from mopd_megatron.mopd.objectives import LossContext, build_objective
-from mopd_megatron.data import PromptRecord
 from mopd_megatron.rollout.types import Generation, SamplingParams
+from mopd_megatron.teacher_samples import EpochBatches, sample_verified
 from mopd_megatron.trajectory import Trajectory
 
 
@@ -58,13 +57,13 @@ def test_merge_folders(tmp_path):
 def test_merge_from_the_command_line(tmp_path):
     teachers = [make_tiny_hf_model(tmp_path / f"t{i}", "qwen3_moe", seed=i) for i in range(2)]
     out = tmp_path / "avg"
-    argv = ["baseline", "merge", "--out", str(out), "--teachers", *map(str, teachers)]
-    assert cli.main(argv) == 0
+    argv = ["--out", str(out), "--teachers", *map(str, teachers)]
+    merge.main(argv)
     a, b = (load_file(t / "model.safetensors") for t in teachers)
     for name, tensor in load_file(out / "model.safetensors").items():
         assert torch.allclose(tensor, (a[name] + b[name]) / 2), name
-    bad = ["baseline", "merge", "--out", str(out), "--teachers", str(tmp_path / "missing")]
-    assert cli.main(bad) == 2  # a one-line error naming the folder, not a traceback
+    bad = ["--out", str(out), "--teachers", str(tmp_path / "missing")]
+    assert run_reporting_errors("merge", merge.main, bad) == 2  # one line, not a traceback
 
 
 def test_merge_rejects_different_architectures(tmp_path):
@@ -206,7 +205,7 @@ def test_docs_from_results(tmp_path):
                 )
             )
     invocation = {
-        "command": "python tools/repro_toy_table.py",
+        "command": "python -m experiments.table",
         "date": "today",
         "minutes": 2.0,
         "threads": 1,
@@ -220,6 +219,6 @@ def test_docs_from_results(tmp_path):
     assert "| **MOPD** (pg, α = 0) | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.900 ± 0.000" in text
     assert "| Param-Merge (Avg.) |" in text and "0.050 ± 0.071" in text and "0.328" in text
     assert "MOPD (the paper's default loss) ranks 1 of 2" in text
-    assert "`python tools/repro_toy_table.py` (today, 2.0 min" in text
+    assert "`python -m experiments.table` (today, 2.0 min" in text
     assert (tmp_path / "docs" / "toy_curves.png").stat().st_size > 0
     assert (tmp_path / "docs" / "toy_bars.png").stat().st_size > 0

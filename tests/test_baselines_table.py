@@ -3,9 +3,9 @@ toy world through the real loop and engines, and the Markdown table and plots ar
 
 import json
 
-from mopd_megatron.baselines.docs import LABELS
-from mopd_megatron.baselines.methods import METHODS
-from mopd_megatron.baselines.table import main
+from experiments.docs import LABELS
+from experiments.methods import METHODS
+from experiments.table import main
 
 
 def test_ci_table_runs_every_method(tmp_path):
@@ -19,4 +19,4 @@ def test_ci_table_runs_every_method(tmp_path):
     assert json.loads((out / "seed0" / "mopd_round2.json").read_text())["samples"] == 2 * 2 * 16
     assert len(json.loads((out / "seed0" / "cascade_rl.json").read_text())["segments"]) == 2
     assert (out / "docs" / "toy_curves.png").stat().st_size > 0
-    assert "tools/repro_toy_table.py" not in table or "--profile ci" in table
+    assert "python -m experiments.table" not in table or "--profile ci" in table

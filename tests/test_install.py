@@ -6,6 +6,7 @@ Face's `kernels` (required by transformers >= 5.25 and by SGLang) was shadowed o
 root-level `kernels/` package, and every transformers import failed.
 """
 
+import ast
 import importlib.metadata
 import json
 import subprocess
@@ -57,3 +58,18 @@ def test_transformers_and_the_engine_work_from_the_repository_root(tiny_moe_dir,
     if importlib.metadata.packages_distributions().get("kernels"):
         assert "site-packages" in found["kernels"], found["kernels"]
     assert not str(found["kernels"] or "").startswith(str(REPO_ROOT / "kernels"))
+
+
+def test_the_package_never_imports_the_experiments_nor_matplotlib_at_import():
+    """Experiments are one-way (they use the package, never the reverse), and the training
+    loop does not load matplotlib: only the report's plotting functions do."""
+    package = REPO_ROOT / "mopd_megatron"
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "experiments" for n in names), path
+    script = "import sys, mopd_megatron.cli, mopd_megatron.train; print('matplotlib' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stderr[-2000:]

@@ -24,8 +24,9 @@ import torch
 from megatron.core import parallel_state
 
 from ..config import Recipe
-from ..hf.convert import save_hf_checkpoint
+from ..hf.convert import HF_CONFIG_DIR, save_hf_checkpoint
 from ..hf.megatron_io import export_hf_weights
+from ..hf.safetensors_io import copy_hf_metadata
 from ..hf.spec import HFModelSpec, read_hf_config
 from ..mopd.objectives import LossContext, Objective
 from ..sync.probe import probe_gap
@@ -104,6 +105,10 @@ class Student:
         return probe_gap(engine, tokens.tolist(), trainer.tolist())
 
     def save(self, root: Path, step: int, extra: dict, keep_last: int) -> None:
+        """A resumable checkpoint `<root>/iter_<step>`; `<root>/hf_config` beside it makes every
+        one convertible with `mopd-megatron convert megatron-to-hf`."""
+        if self.is_leader:
+            copy_hf_metadata(self.recipe.model.hf_path, Path(root) / HF_CONFIG_DIR)
         save_checkpoint(root, step, self.chunks, self.optimizer, self.scheduler, extra, keep_last)
 
     def load(self, root: Path) -> dict | None:

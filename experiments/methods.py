@@ -6,7 +6,7 @@ folder, its training segments for the curves, the training samples it used, note
 
 On-policy methods all run `mopd-megatron train` on `recipes/demo_cpu.yaml` (the CPU demo's
 engines and loop), with the same steps and rollout samples per step, differing only in
-recipe overrides:
+typed recipe edits (`config.edit_recipe`), saved beside each run as `<method>.yaml`:
 
 | method | loss | samples per step |
 |---|---|---|
@@ -17,26 +17,27 @@ recipe overrides:
 | Mix-RL | GRPO: outcome advantage only, mixed domains | prompts/G × G |
 | Cascade RL | GRPO one domain after another (`cascade`) | prompts/G × G |
 
-RFT (`rft`) samples the teachers and fine-tunes; the merges (`merge`) train nothing. The
+RFT is `train` with the sft objective over verified teacher samples
+(`rollout.source: teacher_samples`); the merges (`merge`) train nothing. The
 second MOPD round (`round2`) continues from MOPD's student with re-derived teachers, so it
 needs `mopd` earlier in the same seed.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mopd_megatron.baselines import merge
-from mopd_megatron.baselines.cascade import cascade_stages, run_cascade
-from mopd_megatron.baselines.curves import Segment
-from mopd_megatron.baselines.evaluation import evaluate_folder, normalized
-from mopd_megatron.baselines.launch import run_module
-from mopd_megatron.baselines.round2 import derive_teachers
+from experiments import merge
+from experiments.cascade import cascade_stages, run_cascade
+from experiments.curves import Segment
+from experiments.evaluation import evaluate_folder, normalized
+from experiments.launch import run_train
+from experiments.round2 import derive_teachers
+from mopd_megatron.config import Recipe, TeacherConfig, edit_recipe, load_recipe
 from mopd_megatron.data import load_prompts
-from mopd_megatron.demo.run import RECIPE, world_overrides
+from mopd_megatron.demo.run import RECIPE, world_recipe
 from mopd_megatron.demo.toy_world import World
 
 
@@ -115,112 +116,88 @@ class MethodRun:
     notes: str = ""
 
 
-OUTCOME_ONLY = ["algorithm.loss=grpo"]
+OUTCOME_ONLY = {"algorithm": {"loss": "grpo"}}
 """GRPO: the outcome advantage only; the teachers are not queried for training."""
 
 
-def train_overrides(ctx: Context, run_dir: Path, method: str, group: int) -> list[str]:
-    """Overrides shared by every on-policy run: world paths, dev curves, TP=1, budget."""
+def base_recipe(ctx: Context, run_dir: Path, method: str, group: int) -> Recipe:
+    """What every on-policy run shares: world paths, dev curves, TP=1, the budget."""
     b = ctx.budget
-    return [
-        *world_overrides(ctx.world, ctx.out),
-        f"data.eval_files=[{ctx.world.dev_file}]",
-        f"logging.dir={run_dir}",
-        "parallel.tp=1",
-        "parallel.ep=1",
-        f"parallel.micro_batch_size={b.micro_batch_size}",
-        f"data.prompts_per_step={b.samples_per_step // group}",
-        f"rollout.n_samples_per_prompt={group}",
-        f"optimizer.lr={b.lr[LR_FAMILY[method]]}",
-        f"train.steps={b.steps}",
-        f"train.seed={ctx.seed}",
-        f"logging.eval_interval={b.eval_interval}",
-        f"checkpoint.save_interval={b.steps}",
-        "rollout.sync_check=false",
-        "logging.tensorboard=false",
-    ]
-
-
-def train(ctx: Context, name: str, group: int, extra: list[str]) -> Segment:
-    """One `mopd-megatron train` run of the demo recipe; returns its curve segment."""
-    run_dir = ctx.out / name
-    overrides = [*train_overrides(ctx, run_dir, name, group), *extra]
-    run_module(["mopd_megatron.cli", "train", str(RECIPE), *overrides], ctx.out / f"{name}.log")
-    return Segment(str(run_dir), ctx.budget.samples_per_step)
-
-
-def _single(ctx: Context, name: str, group: int, extra: list[str]) -> MethodRun:
-    segment = train(ctx, name, group, extra)
-    b = ctx.budget
-    return MethodRun(
-        str(Path(segment.run_dir) / "checkpoints" / "hf"), [segment], b.steps * b.samples_per_step
+    return edit_recipe(
+        world_recipe(load_recipe(RECIPE), ctx.world, run_dir),
+        data={"eval_files": [str(ctx.world.dev_file)],
+              "prompts_per_step": b.samples_per_step // group},
+        parallel={"tp": 1, "ep": 1, "micro_batch_size": b.micro_batch_size},
+        rollout={"n_samples_per_prompt": group, "sync_check": False},
+        optimizer={"lr": b.lr[LR_FAMILY[method]]},
+        train={"steps": b.steps, "seed": ctx.seed},
+        logging={"eval_interval": b.eval_interval, "tensorboard": False},
+        checkpoint={"save_interval": b.steps},
     )
+
+
+def train(ctx: Context, name: str, group: int, **edits: dict) -> tuple[Recipe, Segment]:
+    """One `mopd-megatron train` run of the demo recipe; returns it and its curve segment."""
+    run_dir = ctx.out / name
+    recipe = edit_recipe(base_recipe(ctx, run_dir, name, group), **edits)
+    run_train(recipe, ctx.out / name)
+    return recipe, Segment(str(run_dir), ctx.budget.samples_per_step)
+
+
+def _single(ctx: Context, name: str, group: int, **edits: dict) -> MethodRun:
+    recipe, segment = train(ctx, name, group, **edits)
+    b = ctx.budget
+    return MethodRun(str(recipe.hf_export_dir), [segment], b.steps * b.samples_per_step)
 
 
 def mopd(ctx: Context) -> MethodRun:
-    return _single(ctx, "mopd", 1, ["algorithm.loss=pg", "algorithm.orm_coef=0.0"])
+    return _single(ctx, "mopd", 1, algorithm={"loss": "pg", "orm_coef": 0.0})
 
 
 def mopd_topk(ctx: Context) -> MethodRun:
-    k = ctx.budget.topk
-    return _single(
-        ctx,
-        "mopd_topk",
-        1,
-        [
-            "algorithm.loss=topk",
-            f"algorithm.topk={k}",
-            "algorithm.orm_coef=0.0",
-        ],
-    )
+    return _single(ctx, "mopd_topk", 1,
+                   algorithm={"loss": "topk", "topk": ctx.budget.topk, "orm_coef": 0.0})
 
 
 def mopd_full_rkl(ctx: Context) -> MethodRun:
-    return _single(ctx, "mopd_full_rkl", 1, ["algorithm.loss=full_rkl", "algorithm.orm_coef=0.0"])
+    return _single(ctx, "mopd_full_rkl", 1, algorithm={"loss": "full_rkl", "orm_coef": 0.0})
 
 
 def mopd_orm(ctx: Context) -> MethodRun:
-    return _single(
-        ctx,
-        "mopd_orm",
-        ctx.budget.group_size,
-        ["algorithm.loss=pg", f"algorithm.orm_coef={ctx.budget.orm_coef}"],
-    )
+    return _single(ctx, "mopd_orm", ctx.budget.group_size,
+                   algorithm={"loss": "pg", "orm_coef": ctx.budget.orm_coef})
 
 
 def mix_rl(ctx: Context) -> MethodRun:
-    return _single(ctx, "mix_rl", ctx.budget.group_size, OUTCOME_ONLY)
+    return _single(ctx, "mix_rl", ctx.budget.group_size, **OUTCOME_ONLY)
 
 
 def cascade_rl(ctx: Context) -> MethodRun:
     b = ctx.budget
     stages = cascade_stages(list(b.cascade_order or ctx.world.domains), b.steps)
     out = ctx.out / "cascade_rl"
-    overrides = [*train_overrides(ctx, out, "cascade_rl", b.group_size), *OUTCOME_ONLY]
-    runs = run_cascade(RECIPE, stages, out, overrides)
+    recipe = edit_recipe(base_recipe(ctx, out, "cascade_rl", b.group_size), **OUTCOME_ONLY)
+    runs = run_cascade(recipe, stages, out)
     segments, offset = [], 0
-    for run_dir, (_, steps) in zip(runs, stages):
-        segments.append(Segment(str(run_dir), b.samples_per_step, offset))
+    for run, (_, steps) in zip(runs, stages):
+        segments.append(Segment(run.logging.dir, b.samples_per_step, offset))
         offset += steps * b.samples_per_step
     order = " -> ".join(f"{d} ({n} steps)" for d, n in stages)
-    return MethodRun(str(runs[-1] / "checkpoints" / "hf"), segments, offset, f"order {order}")
+    return MethodRun(str(runs[-1].hf_export_dir), segments, offset, f"order {order}")
 
 
 def rft(ctx: Context) -> MethodRun:
-    b, run_dir = ctx.budget, ctx.out / "rft"
+    """Fine-tuning on verified teacher samples: `train` with the sft objective over the
+    teacher-sample source."""
+    b = ctx.budget
     n = b.rft_samples_per_prompt
     prompts = b.steps * b.samples_per_step // n
-    overrides = [
-        *train_overrides(ctx, run_dir, "rft", n),
-        f"data.prompts_per_step={b.samples_per_step}",
-    ]
-    run_module(
-        ["mopd_megatron.cli", "baseline", "rft", f"--prompts={prompts}", str(RECIPE), *overrides],
-        ctx.out / "rft.log",
+    recipe, segment = train(
+        ctx, "rft", n, data={"prompts_per_step": b.samples_per_step}, algorithm={"loss": "sft"},
+        rollout={"source": "teacher_samples", "teacher_sample_prompts": prompts},
     )
-    segment = Segment(str(run_dir), b.samples_per_step)
     return MethodRun(
-        str(run_dir / "checkpoints" / "hf"),
+        str(recipe.hf_export_dir),
         [segment],
         prompts * n,
         f"{prompts} prompts x {n} teacher samples, SFT {b.steps} x {b.samples_per_step} sequences",
@@ -264,21 +241,14 @@ def mopd_round2(ctx: Context) -> MethodRun:
         ctx.budget.round2_target,
         ctx.seed,
     )
-    listed = [
-        {"name": f"{d}-teacher", "domains": [d], "model_path": t["path"]}
-        for d, t in sorted(teachers.items())
-    ]
-    extra = [
-        "algorithm.loss=pg",
-        "algorithm.orm_coef=0.0",
-        f"model.hf_path={first.model}",
-        "teachers.teachers=" + json.dumps(listed),
-    ]
-    segment = train(ctx, "mopd_round2", 1, extra)
+    listed = [TeacherConfig(name=f"{d}-teacher", domains=[d], model_path=t["path"])
+              for d, t in sorted(teachers.items())]
+    recipe, segment = train(ctx, "mopd_round2", 1, algorithm={"loss": "pg", "orm_coef": 0.0},
+                       model={"hf_path": first.model}, teachers={"teachers": listed})
     segment.offset = first.samples
     devs = ", ".join(f"{d} {t['dev']:.2f}" for d, t in teachers.items())
     return MethodRun(
-        str(Path(segment.run_dir) / "checkpoints" / "hf"),
+        str(recipe.hf_export_dir),
         [*first.segments, segment],
         first.samples + ctx.budget.steps * ctx.budget.samples_per_step,
         f"round-2 teachers' dev accuracy: {devs}",

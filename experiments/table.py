@@ -6,10 +6,10 @@ the held-out test prompts (greedy and sampled) and write `<out>/seed<s>/<method>
 (accuracy, normalized scores, dev curve, samples, wall time, notes). A result already on
 disk is reused, so an interrupted table resumes where it stopped. `--lr-search` first picks
 each method family's learning rate on dev (seed 0's world, one run per rate).
-`baselines.docs` then turns the results into the Markdown table and the plots.
+`experiments.docs` then turns the results into the Markdown table and the plots.
 
-Command line: `mopd-megatron baseline table --profile full|ci [--seeds 0 1 2] ...`, or the same
-arguments to `python tools/repro_toy_table.py`.
+Command line (from the repository root):
+`python -m experiments.table --profile full|ci [--seeds 0 1 2] [--lr-search] ...`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from mopd_megatron.baselines.curves import Segment, normalized_curve
-from mopd_megatron.baselines.docs import machine, write_docs
-from mopd_megatron.baselines.evaluation import evaluate_folder, normalized
-from mopd_megatron.baselines.methods import (
+from experiments.curves import Segment, normalized_curve
+from experiments.docs import machine, write_docs
+from experiments.evaluation import evaluate_folder, normalized
+from experiments.methods import (
     LR_FAMILY,
     METHODS,
     PRIVATE_FIELDS,
@@ -39,6 +39,7 @@ from mopd_megatron.baselines.methods import (
     Context,
     MethodRun,
 )
+from mopd_megatron.cli import run_reporting_errors
 from mopd_megatron.data import load_prompts
 from mopd_megatron.demo.settings import WorldSettings
 from mopd_megatron.demo.toy_world import World, build_world
@@ -228,10 +229,8 @@ def _lr_override(text: str) -> tuple[str, float]:
 
 
 def command_line(argv: list[str] | None) -> str:
-    """How the table was asked for (either entry point), as the docs quote it."""
-    entry = ["mopd-megatron", "baseline", "table"]
-    if Path(sys.argv[0]).name != "mopd-megatron":
-        entry = ["python", sys.argv[0]]
+    """How the table was asked for, as the docs quote it."""
+    entry = ["python", "-m", "experiments.table"]
     return " ".join(shlex.quote(a) for a in [*entry, *(sys.argv[1:] if argv is None else argv)])
 
 
@@ -305,3 +304,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     write_docs(out, docs, args.seeds, methods, budget)
     print(f"table: {docs / 'toy_table.md'}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_reporting_errors("python -m experiments.table", main))

@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from mopd_megatron.baselines.evaluation import normalized
+from experiments.evaluation import normalized
 
 
 @dataclass

@@ -5,8 +5,8 @@ stage; produces one run folder per stage, `<out>/<i>_<domain>/`, each starting f
 previous stage's exported student (`checkpoints/hf`) and sampling only its own domain
 (`data.domain_weights={domain: 1}`). The last stage's `checkpoints/hf` is the result.
 
-Command line:
-    mopd-megatron baseline cascade RECIPE --out DIR --order math,if,swe \
+Command line (from the repository root):
+    python -m experiments.cascade RECIPE --out DIR --order math,if,swe \
         --steps 100 [100 100] [key=value ...]
 """
 
@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mopd_megatron.baselines.launch import run_module
+from experiments.launch import run_train
+from mopd_megatron.cli import run_reporting_errors
+from mopd_megatron.config import Recipe, edit_recipe, load_recipe
 
 
 def cascade_stages(order: list[str], total_steps: int) -> list[tuple[str, int]]:
@@ -25,39 +27,33 @@ def cascade_stages(order: list[str], total_steps: int) -> list[tuple[str, int]]:
 
 
 def run_cascade(
-    recipe: str | Path,
-    stages: list[tuple[str, int]],
-    out: str | Path,
-    overrides: list[str] = (),
-    start: str | Path | None = None,
-) -> list[Path]:
+    recipe: Recipe, stages: list[tuple[str, int]], out: str | Path, start: str | Path | None = None
+) -> list[Recipe]:
     """Run the stages in order.
 
     Args:
         recipe: the GRPO recipe (student, teachers, data, algorithm, optimizer).
         stages: (domain, steps) per stage, in order.
-        out: the folder of the stages' run folders and logs.
-        overrides: dotted recipe overrides for every stage.
+        out: the folder of the stages' recipes, run folders and logs.
         start: the first stage's student (default: the recipe's `model.hf_path`).
 
     Returns:
-        The stages' run folders, in order.
+        The stages' recipes, in order (run folder: `logging.dir`; student: `hf_export_dir`).
     """
     out, runs = Path(out), []
     for i, (domain, steps) in enumerate(stages, start=1):
         run_dir = out / f"{i}_{domain}"
-        stage = [
-            *overrides,
-            f"logging.dir={run_dir}",
-            f"checkpoint.dir={run_dir / 'checkpoints'}",
-            f"train.steps={steps}",
-            f"checkpoint.save_interval={steps}",
-            f"data.domain_weights={{{domain}: 1.0}}",
-            *([f"model.hf_path={start}"] if start else []),
-        ]
-        run_module(["mopd_megatron.cli", "train", str(recipe), *stage], out / f"{i}_{domain}.log")
-        runs.append(run_dir)
-        start = run_dir / "checkpoints" / "hf"
+        stage = edit_recipe(
+            recipe,
+            logging={"dir": str(run_dir)},
+            checkpoint={"dir": str(run_dir / "checkpoints"), "save_interval": steps},
+            train={"steps": steps},
+            data={"domain_weights": {domain: 1.0}},
+            model={"hf_path": str(start or recipe.model.hf_path)},
+        )
+        run_train(stage, out / f"{i}_{domain}")
+        runs.append(stage)
+        start = stage.hf_export_dir
     return runs
 
 
@@ -83,10 +79,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         stages = list(zip(order, args.steps))
     else:
         parser.error(f"--steps: give one total or {len(order)} counts")
-    for run in run_cascade(args.recipe, stages, args.out, args.overrides):
-        print(run)
+    for stage in run_cascade(load_recipe(args.recipe, args.overrides), stages, args.out):
+        print(stage.logging.dir)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_reporting_errors("python -m experiments.cascade", main))

@@ -12,7 +12,7 @@ tokenizer. Tensors are streamed: one name at a time is held from each input, so 
 a 30B model needs the memory of its largest tensor times (D + 2), not of the model.
 
 Command line:
-    mopd-megatron baseline merge --out DIR --teachers T1 T2 ... \
+    python -m experiments.merge --out DIR --teachers T1 T2 ... \
         [--student S] [--method average|task_arithmetic] [--lambdas 0.5 0.5 ...]
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mopd_megatron.cli import run_reporting_errors
 from mopd_megatron.hf.safetensors_io import (
     HFCheckpointError,
     HFCheckpointReader,
@@ -176,4 +177,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_reporting_errors("python -m experiments.merge", main))
