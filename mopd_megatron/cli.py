@@ -21,8 +21,10 @@ from .plan import cli as plan_cli
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_recipe
+    from .data.records import check_prompt_files
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_prompt_files([*recipe.data.train_files, *recipe.data.eval_files])  # before any rank
     if args.rollout_only:  # the engines only: no Megatron, no torchrun
         from .sources import rollout_only
 
@@ -106,9 +108,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .hf.safetensors_io import HFCheckpointError
     from .hf.spec import HFConfigError
     from .rollout.transport import EngineError
+    from .student.checkpoint import CheckpointError
 
     return RecipeError, HFConfigError, HFCheckpointError, PromptDataError, EngineError, \
-        FileNotFoundError
+        CheckpointError, FileNotFoundError
 
 
 def main(argv: list[str] | None = None) -> int:

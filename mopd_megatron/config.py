@@ -188,6 +188,9 @@ class DataConfig:
     prompts_per_step: int = 64
     apply_chat_template: bool = False
     max_prompt_tokens: int = 1024
+    allow_weak_sandbox: bool = False
+    """Where the code sandbox (bubblewrap) is unavailable, run code verifiers in weak mode
+    (the trainer's user, no namespaces; README, 'The code sandbox') instead of refusing."""
 
 
 @dataclass
@@ -269,6 +272,10 @@ class LaunchConfig:
     memory_utilization: float = 0.9
     """Fraction of a GPU the student may plan to fill; the rest covers the CUDA context, NCCL
     buffers and allocator fragmentation."""
+    model_config: str = ""
+    """config.json (or a folder holding one) that `plan` and `launch` use for every model
+    folder not on this machine yet, e.g. models/qwen3_30b_a3b; a relative path is taken from
+    the recipe's folder. `--model-config` overrides it."""
     setup: list[str] = field(default_factory=list)
     """Shell lines the sbatch script runs before srun (module load, source a venv); srun passes
     the environment they leave to every node."""
@@ -291,7 +298,8 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    source: str = field(default="<defaults>", compare=False, repr=False)
+    source: str = field(default="<defaults>", compare=False, repr=False,
+                        metadata={"yaml": False})
     """Where the recipe came from (for error messages); not a YAML key."""
 
     @property
@@ -334,7 +342,7 @@ def from_dict(cls: type, raw: Any, source: str = "<dict>", where: str = "") -> A
     """Build dataclass `cls` from a mapping, checking keys and types recursively."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: {where or 'recipe'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in raw.items():

@@ -149,6 +149,18 @@ def test_dry_run_and_refusals(job, capsys):
     assert "cannot run" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, nodes", [("qwen3_30b_a3b_mopd", 7), ("mimo_v2_flash_mopd", 23)])
+def test_the_shipped_recipes_dry_run_as_written(name, nodes, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # their launch.model_config is found from the recipe's folder
+    parser = cli.configure(argparse.ArgumentParser())
+    recipe = str(ROOT / "recipes" / f"{name}.yaml")
+    assert cli.main(parser.parse_args([recipe, "--slurm", "--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert f"#SBATCH --nodes={nodes}" in out or f"# {nodes} node(s)" in out
+    assert cli.main(parser.parse_args([recipe, "--dry-run"])) == 0
+    assert f"# {nodes} node(s)" in capsys.readouterr().out
+
+
 def test_this_node(monkeypatch):
     monkeypatch.setattr(cli.socket, "gethostname", lambda: "gpu07.cluster")
     monkeypatch.delenv("SLURMD_NODENAME", raising=False)

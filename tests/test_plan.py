@@ -205,13 +205,28 @@ def test_cli_statuses_and_messages(tmp_path, capsys):
     path.write_text(BASE.replace(str(QWEN3_30B), "/absent/student"))
     parser = configure(argparse.ArgumentParser())
     assert main(parser.parse_args([str(path)])) == 2
-    assert "model.hf_path: /absent/student/config.json not found" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.hf_path: /absent/student/config.json not found" in err
+    assert "launch.model_config or pass --model-config" in err
     assert main(parser.parse_args([str(path), "--model-config", str(QWEN3_30B)])) == 0
     out = capsys.readouterr().out
     assert "verdict   fits" in out and "30.53B parameters" in out
     assert main(parser.parse_args([str(path), "parallel.ep=4", "--model-config",
                                    str(QWEN3_30B)])) == 1
     assert "cannot run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["qwen3_30b_a3b_mopd", "mimo_v2_flash_mopd"])
+def test_the_shipped_recipes_plan_as_written(name, tmp_path, monkeypatch, capsys):
+    """Their checkpoints are absent: they plan with their launch.model_config, a path taken
+    from the recipe's folder whatever the working folder."""
+    monkeypatch.chdir(tmp_path)
+    parser = configure(argparse.ArgumentParser())
+    assert main(parser.parse_args([str(RECIPES / f"{name}.yaml")])) == 0
+    assert "verdict   fits" in capsys.readouterr().out
+    assert main(parser.parse_args([str(RECIPES / f"{name}.yaml"), "--model-config",
+                                   str(tmp_path / "absent")])) == 2  # the option overrides it
+    assert f"{tmp_path / 'absent'} not found" in capsys.readouterr().err
 
 
 def test_a_model_the_planner_cannot_count_is_an_error():

@@ -1,10 +1,15 @@
-"""Outcome rewards: exact, numeric and subprocess code verifiers, and the registry."""
+"""Outcome rewards: exact, numeric and sandboxed code verifiers, and the registry.
+
+The hostile code samples are in test_sandbox.py; here the code runs in the sandbox, or in weak
+mode where this machine has none.
+"""
 
 import time
 
 import pytest
 
 from mopd_megatron.data import PromptRecord
+from mopd_megatron.envs import sandbox
 from mopd_megatron.mopd.rewards import (
     get_verifier,
     parse_number,
@@ -13,6 +18,7 @@ from mopd_megatron.mopd.rewards import (
     score,
     score_batch,
 )
+from mopd_megatron.mopd.rewards.registry import check_code_sandbox
 
 
 def rec(domain="x", **kw):
@@ -54,7 +60,14 @@ def test_registry_lookup_order_and_errors():
 SQUARE = "```python\ndef f(x):\n    return x * x\n```"
 
 
-def test_code_verifier_pass_fail_crash_timeout():
+@pytest.fixture
+def code_runs(monkeypatch):
+    """Benign code runs here: in the sandbox, or in weak mode where there is none."""
+    monkeypatch.setattr(sandbox, "_weak_mode", sandbox._weak_mode)
+    sandbox.require(allow_weak=True)
+
+
+def test_code_verifier_pass_fail_crash_timeout(code_runs):
     tests = ["assert f(2) == 4", "assert f(-3) == 9"]
     code = rec("code", tests=tests, metadata={"timeout_s": 2.0})
     assert score(code, "Here:\n" + SQUARE) == 1.0
@@ -67,7 +80,7 @@ def test_code_verifier_pass_fail_crash_timeout():
     assert time.perf_counter() - start < 10
 
 
-def test_code_verifier_stdin_cases_and_batch():
+def test_code_verifier_stdin_cases_and_batch(code_runs):
     cases = [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4", "output": "6"}]
     record = rec("code", tests=cases)
     good = "a, b = map(int, input().split())\nprint(a + b)"
@@ -75,3 +88,14 @@ def test_code_verifier_stdin_cases_and_batch():
     assert score_batch([record, record], [good, bad], max_workers=2) == [1.0, 0.0]
     with pytest.raises(ValueError, match="needs 'tests'"):
         score(rec("code"), good)
+
+
+def test_only_prompts_whose_verifier_runs_code_need_the_sandbox(monkeypatch):
+    monkeypatch.setattr(sandbox, "unavailable_reason", lambda: "no bwrap (test)")
+    monkeypatch.setattr(sandbox, "_weak_mode", False)
+    check_code_sandbox([rec("math", answer="1"), rec("rev", verifier="exact")])
+    for record in (rec("code", tests=["pass"]), rec("x", verifier="python")):
+        with pytest.raises(sandbox.SandboxUnavailable, match="no bwrap"):
+            check_code_sandbox([rec("math", answer="1"), record])
+    check_code_sandbox([rec("code")], allow_weak_sandbox=True)
+    assert score(rec("code", tests=["assert f(3) == 9"]), SQUARE) == 1.0

@@ -1,16 +1,19 @@
 """Data stage, the run's prompts: training and held-out records, their domains, the sampler.
 
-Read before any model is built, so that a missing or malformed data file fails in seconds.
+Read before any model is built, so that a missing or malformed data file fails in seconds, as
+do prompts whose verifier must run code where the code sandbox cannot run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mopd_megatron.config import DataConfig
+from mopd_megatron.config import DataConfig, RecipeError
 from mopd_megatron.data.records import PromptRecord, load_prompts
 from mopd_megatron.data.sampler import DomainMixSampler
 from mopd_megatron.data.tokenize import tokenize_records
+from mopd_megatron.envs.sandbox import SandboxUnavailable
+from mopd_megatron.mopd.rewards.registry import check_code_sandbox
 
 
 @dataclass
@@ -30,6 +33,10 @@ def load_prompt_set(cfg: DataConfig, tokenizer, seed: int) -> PromptSet:
 
     train = tokenized(cfg.train_files)
     held_out = tokenized(cfg.eval_files) if cfg.eval_files else []
+    try:
+        check_code_sandbox(train + held_out, cfg.allow_weak_sandbox)
+    except SandboxUnavailable as err:
+        raise RecipeError(f"data: prompts whose verifier runs code: {err}") from None
     domains = sorted({r.domain for r in train + held_out})
     sampler = DomainMixSampler(train, cfg.prompts_per_step, cfg.domain_weights, seed)
     return PromptSet(train, held_out, domains, sampler)

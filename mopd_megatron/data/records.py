@@ -91,6 +91,13 @@ def load_prompts(
     return records
 
 
+def check_prompt_files(paths: Iterable[str | Path]) -> None:
+    """Fail in a second, before any rank or model starts, on a missing file or an unknown
+    format (`load_prompts` validates the records themselves)."""
+    for path in map(Path, paths):
+        _check_file(path)
+
+
 def save_prompts(records: Iterable[PromptRecord], path: str | Path) -> None:
     """Write records as JSONL (the format `load_prompts` reads)."""
     with open(path, "w") as f:
@@ -154,13 +161,10 @@ def _check_messages(messages: Any, fail) -> None:
 
 def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (`file:line` or `file:row N`, raw object) for every record of a file."""
-    if not path.is_file():
-        raise PromptDataError(f"{path}: prompt file not found")
+    _check_file(path)
     if path.suffix == ".parquet":
         yield from _read_parquet(path)
         return
-    if path.suffix not in (".jsonl", ".json"):
-        raise PromptDataError(f"{path}: unknown prompt file format (use .jsonl or .parquet)")
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -169,6 +173,13 @@ def _read_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as err:
                 raise PromptDataError(f"{path}:{number}: not valid JSON: {err.msg}") from None
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise PromptDataError(f"{path}: prompt file not found")
+    if path.suffix not in (".jsonl", ".json", ".parquet"):
+        raise PromptDataError(f"{path}: unknown prompt file format (use .jsonl or .parquet)")
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:

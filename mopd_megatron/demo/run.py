@@ -51,7 +51,9 @@ def run_demo(out: str, layout: str = "ep2", quick: bool = False, overrides=()) -
     world = build_world(out / "world", settings)
     print(f"toy world ready in {time.perf_counter() - started:.0f} s: {out / 'world'}", flush=True)
     recipe = world_recipe(load_recipe(RECIPE), world, out / "run")
-    recipe = edit_recipe(recipe, parallel=LAYOUTS[layout], **(QUICK_RUN if quick else {}))
+    recipe = edit_recipe(recipe, parallel=LAYOUTS[layout])
+    if quick:
+        recipe = edit_recipe(recipe, **QUICK_RUN)
     path = save_recipe(recipe, out / "demo_recipe.yaml")  # the exact recipe this demo ran
     code = subprocess.call([sys.executable, "-m", "mopd_megatron.cli", "train", str(path),
                             *overrides])

@@ -25,11 +25,7 @@ import torch.distributed as dist
 from mopd_megatron.config import ModelConfig, ParallelConfig, validate_layout
 from mopd_megatron.hf.layout import padded_vocab_size
 from mopd_megatron.hf.megatron_io import export_hf_weights, load_hf_weights
-from mopd_megatron.hf.safetensors_io import (
-    HFCheckpointError,
-    copy_hf_metadata,
-    write_hf_folder,
-)
+from mopd_megatron.hf.safetensors_io import copy_hf_metadata, write_hf_folder
 from mopd_megatron.hf.spec import HFModelSpec, read_hf_config
 
 HF_CONFIG_DIR = "hf_config"
@@ -97,16 +93,14 @@ def megatron_to_hf(
     """
     from megatron.core import dist_checkpointing
 
+    from mopd_megatron.student.checkpoint import check_checkpoint
     from mopd_megatron.student.model import build_model, sharded_state_dict
 
     ckpt_dir = Path(ckpt_dir)
     hf_config_dir = Path(hf_config_dir or ckpt_dir / HF_CONFIG_DIR)
     spec = read_hf_config(hf_config_dir)
     parallel = parallel or ParallelConfig()
-    if not (ckpt_dir / "metadata.json").is_file():
-        raise HFCheckpointError(
-            f"{ckpt_dir}: not a Megatron distributed checkpoint (no metadata.json)"
-        )
+    check_checkpoint(ckpt_dir)  # one line naming a missing, truncated or unreadable file
     embedding = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))[
         "embedding.word_embeddings.weight"
     ]

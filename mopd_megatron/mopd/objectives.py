@@ -74,6 +74,18 @@ class LossContext:
     """Domains are reported separately in the metrics."""
 
 
+def token_logprob_entropy(logits: Tensor, targets: Tensor, *, tp_group=None,
+                          temperature: float = 1.0, vocab_size: int | None = None):
+    """log π(targets) and the entropy of π, [B, S] each, from the vocabulary shard
+    [B, S, V_local] of the logits (identical on every TP rank; padded columns masked)."""
+    b, s, v = logits.shape
+    logprob, entropy = vocab_parallel_logprob_entropy(
+        logits.reshape(b * s, v), targets.reshape(-1), tp_group=tp_group,
+        temperature=temperature, vocab_size=vocab_size,
+    )
+    return logprob.view(b, s), entropy.view(b, s)
+
+
 def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
     """(1/|y|) Σ_t values[b, t] over the masked tokens of each row: [B, S] -> [B]."""
     return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
@@ -115,12 +127,8 @@ class Objective:
         return loss_sum, num_sequences, metrics
 
     def _logprob_entropy(self, logits: Tensor, mb: dict, temperature: float):
-        b, s, v = logits.shape
-        logprob, entropy = vocab_parallel_logprob_entropy(
-            logits.reshape(b * s, v), mb["targets"].reshape(-1), tp_group=self.ctx.tp_group,
-            temperature=temperature, vocab_size=self.ctx.vocab_size,
-        )
-        return logprob.view(b, s), entropy.view(b, s)
+        return token_logprob_entropy(logits, mb["targets"], tp_group=self.ctx.tp_group,
+                                     temperature=temperature, vocab_size=self.ctx.vocab_size)
 
     def _outcome(self, mb: dict, shape: torch.Size) -> Tensor:
         """α · Â_ORM broadcast over the tokens of each sequence."""

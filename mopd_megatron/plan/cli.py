@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-config", metavar="DIR",
         help="config.json (or a folder holding one) for every model whose folder is not on "
-             "this machine, e.g. recipes/models/qwen3_30b_a3b",
+             "this machine, e.g. recipes/models/qwen3_30b_a3b (default: the recipe's "
+             "launch.model_config)",
     )
 
 

@@ -85,10 +85,9 @@ def build_rank_on_meta(
     Returns:
         One `GPTModel` per virtual pipeline stage, every parameter on the meta device.
     """
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from mopd_megatron.student.model import transformer_config
+    from mopd_megatron.student.model import gpt_model, transformer_config
 
     config = transformer_config(
         spec, model_cfg, parallel, use_cpu_initialization=True, perform_initialization=False
@@ -102,18 +101,11 @@ def build_rank_on_meta(
     vpp = parallel.vpp or 1
     with torch.device("meta"):
         for vp_stage in range(vpp):
-            chunks.append(GPTModel(
-                config=config,
-                transformer_layer_spec=layers,
-                vocab_size=padded_vocab,
-                max_sequence_length=spec.max_position_embeddings,
+            chunks.append(gpt_model(
+                spec, config, layers, padded_vocab,
+                vp_stage=vp_stage if parallel.vpp else None,
                 pre_process=stage == 0 and vp_stage == 0,
                 post_process=stage == parallel.pp - 1 and vp_stage == vpp - 1,
-                parallel_output=True,
-                share_embeddings_and_output_weights=spec.tie_word_embeddings,
-                position_embedding_type="rope",
-                rotary_base=spec.rope_theta,
-                vp_stage=vp_stage if parallel.vpp else None,
                 pg_collection=groups,
             ))
     return chunks

@@ -65,14 +65,24 @@ def load_spec(model_dir: str, key: str, fallback: str | None) -> tuple[HFModelSp
         return read_hf_config(model_dir), str(own)
     if fallback is None:
         raise PlanError(
-            f"{key}: {own} not found; pass --model-config DIR (a folder with the model's "
-            "config.json) to plan before the checkpoint is on this machine"
+            f"{key}: {own} not found; to plan before the checkpoint is on this machine, set "
+            "the recipe's launch.model_config or pass --model-config DIR (a folder with the "
+            "model's config.json)"
         )
     path = Path(fallback)
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
-        raise PlanError(f"--model-config: {path} not found")
+        raise PlanError(f"launch.model_config / --model-config: {path} not found")
     return spec_from_dict(json.loads(path.read_text()), source=str(path)), str(path)
+
+
+def recipe_model_config(recipe: Recipe) -> str | None:
+    """The recipe's `launch.model_config`, a relative path taken from the recipe's folder."""
+    value = recipe.launch.model_config
+    if not value:
+        return None
+    source = Path(recipe.source)
+    return str(source.parent / value) if source.is_file() else value
 
 
 @dataclass(frozen=True)
@@ -114,7 +124,8 @@ def make_plan(recipe: Recipe, model_config: str | None = None) -> Plan:
 
     Args:
         recipe: a loaded, validated recipe.
-        model_config: config.json (or its folder) for every model whose folder is missing.
+        model_config: config.json (or its folder) for every model whose folder is missing;
+            None = the recipe's `launch.model_config`.
 
     Returns:
         The plan; `plan.problems` is empty when the job can run.
@@ -122,6 +133,7 @@ def make_plan(recipe: Recipe, model_config: str | None = None) -> Plan:
     Raises:
         PlanError: a model config cannot be found or counted.
     """
+    model_config = model_config or recipe_model_config(recipe)
     spec, spec_source = load_spec(recipe.model.hf_path, "model.hf_path", model_config)
     check_countable(spec, spec_source)
     p, launch = recipe.parallel, recipe.launch

@@ -13,6 +13,9 @@ layout resumes bit-exactly. Model weights also load at another TP / PP / EP layo
 reshards them); the RNG states are then left as they are, and the optimizer state may not
 reshard (a later issue).
 
+`check_checkpoint` reads a folder's indexes (not its tensors) and names the first missing,
+truncated or unreadable file in one line; loading calls it first.
+
 The save needs: the folder to exist first (rank 0 makes it), `psutil`, and an
 `if __name__ == "__main__":` guard in the entry script, because the torch_dist writer starts
 a `spawn` multiprocessing manager, which re-imports `__main__`.
@@ -20,9 +23,11 @@ a `spawn` multiprocessing manager, which re-imports `__main__`.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +37,16 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from torch.distributed.checkpoint import FileSystemReader
 
 from mopd_megatron.student.model import sharded_state_dict as model_sharded_state_dict
 from mopd_megatron.student.model import unwrap
 
 LATEST = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: the file and what is wrong, in one line."""
 
 
 def checkpoint_dir(root: str | Path, step: int) -> Path:
@@ -112,11 +122,15 @@ def load_checkpoint(
 
     Returns:
         The `extra` dict saved with it, or None when `root` has no checkpoint.
+
+    Raises:
+        CheckpointError: a missing, truncated or unreadable file (`check_checkpoint`).
     """
     step = latest_step(root) if step is None else step
     if step is None:
         return None
     path = str(checkpoint_dir(root, step))
+    check_checkpoint(path)
     same_layout = dist_checkpointing.load_common_state_dict(path)["layout"] == _layout()
     state = _state_dict(
         model_chunks, optimizer, None, is_loading=True, with_rng=same_layout
@@ -132,6 +146,47 @@ def load_checkpoint(
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return loaded["extra"]
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Check a checkpoint folder against its own indexes before anything loads it.
+
+    Reads metadata.json, the common state (common.pt) and the tensor index (.metadata) with
+    Megatron's and torch's own readers, and checks that every byte range the index lists lies
+    within its .distcp file. The tensors themselves are not read.
+
+    Raises:
+        CheckpointError: naming the first missing, truncated or unreadable file.
+    """
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"{path}: not a Megatron distributed checkpoint (no metadata.json)")
+    _read(path / "metadata.json", lambda: json.loads((path / "metadata.json").read_text()))
+    _read(path / "common.pt", lambda: dist_checkpointing.load_common_state_dict(str(path)))
+    index = _read(path / ".metadata", FileSystemReader(str(path)).read_metadata)
+    ends: dict[str, int] = {}
+    for item in index.storage_data.values():
+        ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    for name, end in sorted(ends.items()):
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the tensor index .metadata lists it)")
+        if file.stat().st_size < end:
+            raise CheckpointError(
+                f"{file}: truncated: {file.stat().st_size} bytes, but its tensors end at byte "
+                f"{end} (an interrupted save or copy)"
+            )
+
+
+def _read(file: Path, read: Callable):
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    try:
+        return read()
+    except Exception as err:  # noqa: BLE001 - whatever the reader raises, the file is bad
+        detail = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+        what = f"{type(err).__name__}: {detail}" if detail else type(err).__name__
+        raise CheckpointError(f"{file}: unreadable, truncated or corrupt ({what})") from None
 
 
 def _model_keys(model_chunks: list[torch.nn.Module]) -> list[str]:

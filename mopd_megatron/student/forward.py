@@ -35,7 +35,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 from torch import Tensor
 
-from mopd_megatron.kernels import vocab_parallel_logprob_entropy
+from mopd_megatron.mopd.objectives import token_logprob_entropy
 
 Batch = dict[str, Tensor]
 """Sequences along dim 0; see the module docstring for the keys."""
@@ -58,26 +58,10 @@ def next_token_targets(tokens: Tensor) -> Tensor:
 def token_logprobs(
     logits: Tensor, targets: Tensor, *, vocab_size: int, temperature: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """log π(targets) and the entropy of π at every position, from vocabulary-sharded logits.
-
-    Args:
-        logits: [b, s, V_local] this TP rank's vocabulary shard (differentiable).
-        targets: [b, s] global token ids.
-        vocab_size: the real vocabulary size; Megatron's padded columns are masked.
-        temperature: π = softmax(logits / temperature).
-
-    Returns:
-        (logprob [b, s], entropy [b, s]), identical on every TP rank.
-    """
-    b, s, v_local = logits.shape
-    logprob, entropy = vocab_parallel_logprob_entropy(
-        logits.reshape(b * s, v_local),
-        targets.reshape(b * s),
-        tp_group=parallel_state.get_tensor_model_parallel_group(),
-        temperature=temperature,
-        vocab_size=vocab_size,
-    )
-    return logprob.view(b, s), entropy.view(b, s)
+    """`mopd.objectives.token_logprob_entropy` over this rank's TP group: (logprob, entropy)
+    [b, s] from the vocabulary shard [b, s, V_local] of the logits."""
+    return token_logprob_entropy(logits, targets, vocab_size=vocab_size, temperature=temperature,
+                                 tp_group=parallel_state.get_tensor_model_parallel_group())
 
 
 def pad_sequence(batch: Batch, multiple: int) -> Batch:

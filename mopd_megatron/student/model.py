@@ -133,6 +133,28 @@ def layer_spec(spec: HFModelSpec, config, vp_stage: int | None = None):
     )
 
 
+def gpt_model(spec: HFModelSpec, config, layers, padded_vocab: int, *, vp_stage: int | None,
+              pre_process: bool, post_process: bool, **kwargs) -> torch.nn.Module:
+    """Megatron's `GPTModel` for an HF architecture: the one place its arguments are chosen
+    (vocabulary-parallel logits, RoPE, tied embeddings), for training and for the planner."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layers,
+        vocab_size=padded_vocab,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=spec.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=spec.rope_theta,
+        vp_stage=vp_stage,
+        **kwargs,
+    )
+
+
 def build_model(
     spec: HFModelSpec,
     model_cfg: ModelConfig,
@@ -155,7 +177,6 @@ def build_model(
         One module per virtual pipeline stage (a `GPTModel`, in `Float16Module` for bf16).
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -174,18 +195,10 @@ def build_model(
     chunks = []
     for vp_stage in range(parallel_cfg.vpp or 1):
         vp = vp_stage if parallel_cfg.vpp else None
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=layer_spec(spec, config, vp),
-            vocab_size=padded_vocab,
-            max_sequence_length=spec.max_position_embeddings,
+        model = gpt_model(
+            spec, config, layer_spec(spec, config, vp), padded_vocab, vp_stage=vp,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            parallel_output=True,
-            share_embeddings_and_output_weights=spec.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=spec.rope_theta,
-            vp_stage=vp,
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())

@@ -1,4 +1,4 @@
-"""Verifier that runs a Python response against the record's tests in a subprocess.
+"""Verifier that runs a Python response against the record's tests in the sandbox.
 
 The program is the response's last fenced code block (```python ... ``` or ``` ... ```), or
 the whole response when it has none. `record.tests` is either:
@@ -10,35 +10,20 @@ the whole response when it has none. `record.tests` is either:
   per case and passes when every output matches (trailing spaces and blank lines ignored).
 
 The score is 1.0 when everything passes and 0.0 otherwise: a failed test, a crash, a
-time-out (`record.metadata["timeout_s"]`, default 10 s per run) or memory over the limit
-all give 0. Each run has its own temporary folder, isolated mode (`python -I`), an empty
-environment and its own process group, killed whole on time-out.
+time-out (`record.metadata["timeout_s"]`, default 10 s per run), more output than the sandbox
+keeps, or any other limit passed all give 0. Every run is a fresh sandbox (`envs.sandbox`):
+the program sees none of the trainer's files, processes or network, and all it started is
+killed when the run ends.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
-import subprocess
-import sys
-import tempfile
+
+from mopd_megatron.envs import sandbox
 
 DEFAULT_TIMEOUT_S = 10.0
-MEMORY_LIMIT_BYTES = 2 << 30
-
-# Sets the memory limit inside the child (a preexec_fn is unsafe beside threads), then runs
-# main.py as __main__.
-_LAUNCHER = f"""
-try:
-    import resource
-    resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT_BYTES}, {MEMORY_LIMIT_BYTES}))
-except (ImportError, ValueError, OSError):
-    pass
-import runpy, sys
-sys.argv = ["main.py"]
-runpy.run_path("main.py", run_name="__main__")
-"""
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
@@ -58,8 +43,8 @@ def python_tests(record, response: str) -> float:
     # A program that exits early (sys.exit(0) before the tests run) never prints the token.
     token = secrets.token_hex(8)
     source = f"{program}\n\n{tests}\nprint({token!r})\n"
-    returncode, stdout = run_python(source, timeout_s=timeout_s)
-    return float(returncode == 0 and stdout.rstrip().endswith(token))
+    result = run_python(source, timeout_s=timeout_s)
+    return float(result.ok and result.stdout.rstrip().endswith(token))
 
 
 def extract_code(response: str) -> str:
@@ -70,53 +55,25 @@ def extract_code(response: str) -> str:
 
 def run_python(
     source: str, stdin: str = "", timeout_s: float = DEFAULT_TIMEOUT_S
-) -> tuple[int, str]:
-    """Run `source` in a fresh sandboxed interpreter.
+) -> sandbox.Result:
+    """Run `source` as main.py with this interpreter (isolated mode) in a fresh sandbox.
 
     Args:
         source: the Python file's text.
         stdin: text fed to the program's standard input.
-        timeout_s: wall-clock limit; the whole process group is killed past it.
-
-    Returns:
-        (exit status, standard output); the status is -9 on time-out.
+        timeout_s: wall-clock limit; every process of the run is killed past it.
     """
-    with tempfile.TemporaryDirectory(prefix="mopd_verify_") as workdir:
-        with open(os.path.join(workdir, "main.py"), "w") as f:
-            f.write(source)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _LAUNCHER],
-            cwd=workdir,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
-            start_new_session=True,
-            text=True,
-        )
-        try:
-            stdout, _ = proc.communicate(stdin, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return -9, ""
-        return proc.returncode, stdout
+    return sandbox.run([sandbox.PYTHON, "-I", "main.py"], files={"main.py": source},
+                       stdin=stdin, limits=sandbox.Limits(timeout_s=timeout_s))
 
 
 def _passes_io_case(program: str, case: dict, timeout_s: float, where: str) -> bool:
     if not isinstance(case.get("input", ""), str) or not isinstance(case.get("output"), str):
         raise TypeError(f"{where}: a test case needs string 'input' and 'output', got {case!r}")
-    returncode, stdout = run_python(program, stdin=case.get("input", ""), timeout_s=timeout_s)
-    return returncode == 0 and _normalise(stdout) == _normalise(case["output"])
+    result = run_python(program, stdin=case.get("input", ""), timeout_s=timeout_s)
+    return result.ok and _normalise(result.stdout) == _normalise(case["output"])
 
 
 def _normalise(text: str | None) -> list[str]:
     lines = [line.rstrip() for line in (text or "").strip().splitlines()]
     return [line for line in lines if line]
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, 9)
-    except ProcessLookupError:
-        pass
-    proc.communicate()

@@ -5,6 +5,10 @@ in order: the verifier named by `record.verifier`; the verifier that `register_d
 mapped the record's domain to; a verifier whose name is the domain itself. Built in:
 `exact`, `numeric` (alias of domain `math`) and `python` (alias `code`, and of domain
 `code`). The response text is the decoded response without special tokens.
+
+Verifiers that run model-written code (`python`, and any registered with `runs_code=True`)
+run it in `envs.sandbox`; `check_code_sandbox` refuses, before training starts, records that
+need them where the sandbox is unavailable, unless the recipe accepts weak mode.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from mopd_megatron.envs import sandbox
 from mopd_megatron.mopd.rewards.code import python_tests
 from mopd_megatron.mopd.rewards.match import exact_match, numeric_match
 
@@ -19,11 +24,17 @@ Verifier = Callable[[object, str], float]
 
 _VERIFIERS: dict[str, Verifier] = {}
 _DOMAINS: dict[str, str] = {}
+_RUNS_CODE: set[str] = set()
 
 
-def register_verifier(name: str, fn: Verifier) -> None:
-    """Make `fn` available under `name` (for `record.verifier` or a domain of that name)."""
+def register_verifier(name: str, fn: Verifier, runs_code: bool = False) -> None:
+    """Make `fn` available under `name` (for `record.verifier` or a domain of that name);
+    `runs_code`: it runs model-written code (in `envs.sandbox`)."""
     _VERIFIERS[name] = fn
+    if runs_code:
+        _RUNS_CODE.add(name)
+    else:
+        _RUNS_CODE.discard(name)
 
 
 def register_domain(domain: str, verifier: str) -> None:
@@ -35,13 +46,28 @@ def register_domain(domain: str, verifier: str) -> None:
 
 def get_verifier(record) -> Verifier:
     """The verifier for `record` (see the module docstring for the lookup order)."""
-    name = record.verifier or _DOMAINS.get(record.domain, record.domain)
+    name = _verifier_name(record)
     if name not in _VERIFIERS:
         raise KeyError(
             f"{record.id}: no verifier for domain {record.domain!r} (verifier {name!r}); "
             f"set the record's 'verifier' to one of {sorted(_VERIFIERS)} or register one"
         )
     return _VERIFIERS[name]
+
+
+def check_code_sandbox(records: Sequence, allow_weak_sandbox: bool = False) -> None:
+    """Before training: when a record's verifier runs code, check it can (`sandbox.require`).
+
+    Raises:
+        sandbox.SandboxUnavailable: code must run, the sandbox cannot, and weak mode is not
+            allowed.
+    """
+    if any(_verifier_name(r) in _RUNS_CODE for r in records):
+        sandbox.require(allow_weak_sandbox)
+
+
+def _verifier_name(record) -> str:
+    return record.verifier or _DOMAINS.get(record.domain, record.domain)
 
 
 def score(record, response_text: str) -> float:
@@ -76,6 +102,6 @@ def verifier_names() -> list[str]:
 
 register_verifier("exact", exact_match)
 register_verifier("numeric", numeric_match)
-register_verifier("python", python_tests)
-register_verifier("code", python_tests)
+register_verifier("python", python_tests, runs_code=True)
+register_verifier("code", python_tests, runs_code=True)
 register_domain("math", "numeric")
