@@ -22,9 +22,12 @@ from .plan import cli as plan_cli
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_recipe
     from .data.records import check_prompt_files
+    from .hf.spec import read_hf_config
 
     recipe = load_recipe(args.recipe, args.overrides)
-    check_prompt_files([*recipe.data.train_files, *recipe.data.eval_files])  # before any rank
+    # Missing inputs fail here in one line, before any rank or engine starts.
+    read_hf_config(recipe.model.hf_path)
+    check_prompt_files([*recipe.data.train_files, *recipe.data.eval_files])
     if args.rollout_only:  # the engines only: no Megatron, no torchrun
         from .sources import rollout_only
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mopd_megatron.config import DataConfig, RecipeError
-from mopd_megatron.data.records import PromptRecord, load_prompts
+from mopd_megatron.data.records import PromptDataError, PromptRecord, load_prompts
 from mopd_megatron.data.sampler import DomainMixSampler
 from mopd_megatron.data.tokenize import tokenize_records
 from mopd_megatron.envs.sandbox import SandboxUnavailable
-from mopd_megatron.mopd.rewards.registry import check_code_sandbox
+from mopd_megatron.mopd.rewards.registry import check_code_sandbox, get_verifier
 
 
 @dataclass
@@ -29,10 +29,16 @@ class PromptSet:
 def load_prompt_set(cfg: DataConfig, tokenizer, seed: int) -> PromptSet:
     """Load, validate and tokenise the recipe's prompt files."""
     def tokenized(files: list[str]) -> list[PromptRecord]:
-        return tokenize_records(load_prompts(files), tokenizer, cfg.apply_chat_template)
+        return tokenize_records(load_prompts(files), tokenizer, cfg.apply_chat_template,
+                                cfg.max_prompt_tokens)
 
     train = tokenized(cfg.train_files)
     held_out = tokenized(cfg.eval_files) if cfg.eval_files else []
+    for record in train + held_out:  # an unknown verifier fails now, not at the first step
+        try:
+            get_verifier(record)
+        except KeyError as err:
+            raise PromptDataError(err.args[0]) from None
     try:
         check_code_sandbox(train + held_out, cfg.allow_weak_sandbox)
     except SandboxUnavailable as err:

@@ -59,7 +59,7 @@ class HFCheckpointReader:
             }
         elif single.is_file():
             self.source = single
-            with safe_open(single, "pt") as handle:
+            with _open_safetensors(single) as handle:
                 self.files = dict.fromkeys(handle.keys(), single)
         else:
             raise HFCheckpointError(f"{self.dir}: neither {INDEX} nor {SINGLE} found")
@@ -123,8 +123,16 @@ class HFCheckpointReader:
                 f"{self.source}: shard {path.name} (holding {name!r}) not found"
             )
         if path not in self._handles:
-            self._handles[path] = safe_open(path, "pt")
+            self._handles[path] = _open_safetensors(path)
         return self._handles[path]
+
+
+def _open_safetensors(path: Path):
+    """`safe_open`, with a truncated or corrupt file named in one line."""
+    try:
+        return safe_open(path, "pt")
+    except Exception as err:  # safetensors raises its own error type, or OSError
+        raise HFCheckpointError(f"{path}: not a readable safetensors file ({err})") from None
 
 
 def _fp8_block(config: Path) -> tuple[int, int]:
