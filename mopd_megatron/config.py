@@ -5,8 +5,9 @@ field of its stage's dataclass (a typo is an error that suggests the closest fie
 value must have the field's type, and a required field without a default must be set.
 Command-line overrides use dotted keys: `parallel.tp=2 optimizer.lr=3e-4`.
 
-The layout checks that need the model (heads, experts, layers) live in `validate_layout`,
-called once the student's HF config is known.
+Each stage's dataclass checks its own values (`check`); `validate` adds the rules between
+stages. The layout rules that need the model (heads, experts, layers) are the student's
+(`student.layout.validate_layout`), checked once the student's HF config is known.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class ModelConfig:
     recompute_activations: bool = False
     """Full activation recompute per layer (saves memory at ~30% more compute)."""
 
+    def check(self, src: str) -> None:
+        _require(src, "model.hf_path", self.hf_path, "the student's HF checkpoint folder")
+
 
 @dataclass
 class ParallelConfig:
@@ -65,6 +69,12 @@ class ParallelConfig:
     world_size: int = 0
     """Ranks `mopd-megatron train` starts on this machine when not launched by torchrun;
     0 = the fewest that fit the layout (dp just large enough for ep*etp)."""
+
+    def check(self, src: str) -> None:
+        for name in ("tp", "pp", "ep", "etp", "cp", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(
+                    f"{src}: 'parallel.{name}' must be >= 1, got {getattr(self, name)}")
 
     @property
     def use_sequence_parallel(self) -> bool:
@@ -126,6 +136,10 @@ class RolloutConfig(EngineConfig):
     teacher_sample_prompts: int = 0
     """teacher_samples: prompts to sample teachers on (x n_samples_per_prompt); 0 = all."""
 
+    def check(self, src: str) -> None:
+        if self.engine == "url":
+            _require(src, "rollout.url", self.url, "the running engine's base URL")
+
 
 @dataclass
 class TeacherConfig(EngineConfig):
@@ -141,6 +155,25 @@ class TeachersConfig:
     """Teacher name for domains that no teacher lists; None = unknown domain is an error."""
     check_tokenizer: bool = True
     """Fail at start-up if a teacher's vocabulary differs from the student's."""
+
+    def check(self, src: str) -> None:
+        for i, t in enumerate(self.teachers):
+            key, what = (("url", "the teacher server's base URL") if t.engine == "url"
+                         else ("model_path", "the teacher's HF checkpoint folder"))
+            _require(src, f"teachers.teachers[{i}].{key}", getattr(t, key), what)
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names) or "" in names:
+            raise RecipeError(
+                f"{src}: every teachers.teachers[i].name must be set and unique, got {names}")
+        if self.default is not None and self.default not in names:
+            raise RecipeError(f"{src}: teachers.default {self.default!r} is not one of {names}")
+        seen: dict[str, str] = {}
+        for t in self.teachers:
+            for d in t.domains:
+                if d in seen:
+                    raise RecipeError(
+                        f"{src}: domain {d!r} is served by both {seen[d]!r} and {t.name!r}")
+                seen[d] = t.name
 
 
 @dataclass
@@ -160,6 +193,12 @@ class AlgorithmConfig:
     """IcePop gate: tokens with pi_theta/mu_theta above this get weight 0."""
     topk: int = 64
     """k of the teacher top-k loss: the teachers are asked for their top-k log-probs."""
+
+    def check(self, src: str) -> None:
+        if not 0 < self.icepop_low < 1 < self.icepop_high:
+            raise RecipeError(
+                f"{src}: IcePop bounds need 0 < algorithm.icepop_low < 1 < "
+                f"algorithm.icepop_high, got [{self.icepop_low}, {self.icepop_high}]")
 
 
 @dataclass
@@ -191,6 +230,9 @@ class DataConfig:
     allow_weak_sandbox: bool = False
     """Where the code sandbox (bubblewrap) is unavailable, run code verifiers in weak mode
     (the trainer's user, no namespaces; README, 'The code sandbox') instead of refusing."""
+
+    def check(self, src: str) -> None:
+        _require(src, "data.train_files", self.train_files, "a list of JSONL/Parquet prompt files")
 
 
 @dataclass
@@ -436,113 +478,35 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
 
 
 def validate(recipe: Recipe) -> None:
-    """Checks that need only the recipe (the model-dependent ones are in validate_layout)."""
-    src, p = recipe.source, recipe.parallel
-    required = {
-        "model.hf_path": (recipe.model.hf_path, "the student's HF checkpoint folder"),
-        "data.train_files": (recipe.data.train_files, "a list of JSONL/Parquet prompt files"),
-    }
-    if recipe.rollout.engine == "url":
-        required["rollout.url"] = (recipe.rollout.url, "the running engine's base URL")
-    for i, t in enumerate(recipe.teachers.teachers):
-        key, what = (
-            ("url", "the teacher server's base URL")
-            if t.engine == "url"
-            else ("model_path", "the teacher's HF checkpoint folder")
-        )
-        required[f"teachers.teachers[{i}].{key}"] = (getattr(t, key), what)
-    for key, (value, what) in required.items():
-        if not value:
-            raise RecipeError(f"{src}: missing required value '{key}' ({what})")
-    for name in ("tp", "pp", "ep", "etp", "cp", "micro_batch_size"):
-        if getattr(p, name) < 1:
-            raise RecipeError(f"{src}: 'parallel.{name}' must be >= 1, got {getattr(p, name)}")
-    a = recipe.algorithm
-    if not 0 < a.icepop_low < 1 < a.icepop_high:
-        raise RecipeError(
-            f"{src}: IcePop bounds need 0 < algorithm.icepop_low < 1 < algorithm.icepop_high, "
-            f"got [{a.icepop_low}, {a.icepop_high}]"
-        )
-    if (recipe.rollout.source == "teacher_samples") != (a.loss == "sft"):
+    """Every stage's own rules, then the rules between stages (the model-dependent layout
+    rules are the student's: `student.layout.validate_layout`)."""
+    src = recipe.source
+    for stage in dataclasses.fields(Recipe):
+        check = getattr(getattr(recipe, stage.name), "check", None)
+        if check is not None:
+            check(src)
+    a, r = recipe.algorithm, recipe.rollout
+    if (r.source == "teacher_samples") != (a.loss == "sft"):
         raise RecipeError(
             f"{src}: rollout.source 'teacher_samples' goes with algorithm.loss 'sft' (fine-tuning "
-            f"on fixed samples), got source {recipe.rollout.source!r} with loss {a.loss!r}"
+            f"on fixed samples), got source {r.source!r} with loss {a.loss!r}"
         )
     from .mopd.objectives import OBJECTIVES  # imported here: objectives import this module
 
     need = OBJECTIVES[a.loss].min_samples_per_prompt
-    if recipe.rollout.n_samples_per_prompt < need:
+    if r.n_samples_per_prompt < need:
         raise RecipeError(
             f"{src}: algorithm.loss '{a.loss}' needs rollout.n_samples_per_prompt >= {need} (its "
-            f"advantage compares the samples of one prompt), got "
-            f"{recipe.rollout.n_samples_per_prompt}"
+            f"advantage compares the samples of one prompt), got {r.n_samples_per_prompt}"
         )
-    names = [t.name for t in recipe.teachers.teachers]
-    if len(set(names)) != len(names) or "" in names:
-        raise RecipeError(
-            f"{src}: every teachers.teachers[i].name must be set and unique, got {names}"
-        )
-    if recipe.teachers.default is not None and recipe.teachers.default not in names:
-        raise RecipeError(
-            f"{src}: teachers.default {recipe.teachers.default!r} is not one of {names}"
-        )
-    seen: dict[str, str] = {}
-    for t in recipe.teachers.teachers:
-        for d in t.domains:
-            if d in seen:
-                raise RecipeError(
-                    f"{src}: domain {d!r} is served by both {seen[d]!r} and {t.name!r}"
-                )
-            seen[d] = t.name
-    unknown = (
-        set(recipe.data.domain_weights) - set(seen)
-        if seen and recipe.teachers.default is None
-        else set()
-    )
-    if unknown:
+    served = {d for t in recipe.teachers.teachers for d in t.domains}
+    unknown = set(recipe.data.domain_weights) - served
+    if served and recipe.teachers.default is None and unknown:
         raise RecipeError(
             f"{src}: data.domain_weights names domains no teacher serves: {sorted(unknown)}"
         )
 
 
-def validate_layout(
-    parallel: ParallelConfig,
-    world_size: int,
-    *,
-    num_layers: int,
-    num_attention_heads: int,
-    num_query_groups: int,
-    num_experts: int = 0,
-    source: str = "<recipe>",
-) -> None:
-    """Fail early, with the rule that is broken, on a layout Megatron cannot build."""
-    p = parallel
-    model_parallel = p.tp * p.pp * p.cp
-    problems = []
-    if world_size % model_parallel:
-        problems.append(f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}")
-    else:
-        dp = world_size // model_parallel
-        if num_experts and (dp * p.tp * p.cp) % (p.ep * p.etp):
-            problems.append(
-                f"ep*etp = {p.ep * p.etp} does not divide dp*tp*cp = {dp * p.tp * p.cp}"
-            )
-    if num_attention_heads % p.tp:
-        problems.append(f"{num_attention_heads} attention heads are not divisible by tp = {p.tp}")
-    if num_query_groups % p.tp and p.tp % num_query_groups:
-        problems.append(
-            f"{num_query_groups} query groups and tp = {p.tp}: neither divides the other"
-        )
-    if num_layers % p.pp:
-        problems.append(f"{num_layers} layers are not divisible by pp = {p.pp}")
-    if p.vpp and num_layers % (p.pp * p.vpp):
-        problems.append(f"{num_layers} layers are not divisible by pp*vpp = {p.pp * p.vpp}")
-    if num_experts:
-        if num_experts % p.ep:
-            problems.append(f"{num_experts} experts are not divisible by ep = {p.ep}")
-        if p.tp > 1 and not p.use_sequence_parallel:
-            problems.append("MoE with tp > 1 needs parallel.sequence_parallel: true")
-    elif p.ep > 1:
-        problems.append(f"ep = {p.ep} but the model has no experts")
-    if problems:
-        raise RecipeError(f"{source}: impossible parallel layout: " + "; ".join(problems))
+def _require(src: str, key: str, value: Any, what: str) -> None:
+    if not value:
+        raise RecipeError(f"{src}: missing required value '{key}' ({what})")

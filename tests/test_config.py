@@ -2,7 +2,8 @@
 
 import pytest
 
-from mopd_megatron.config import RecipeError, load_recipe, validate_layout
+from mopd_megatron.config import RecipeError, load_recipe
+from mopd_megatron.student.layout import validate_layout
 
 GOOD = """
 model: {hf_path: /models/student}

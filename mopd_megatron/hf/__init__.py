@@ -7,7 +7,6 @@
   MLA, shared experts, router expert bias).
 - `safetensors_io`: lazy reading (sharded, fused experts, block-wise FP8) and sharded writing
   of HF folders.
-- `megatron_io`: load HF weights into a built model at any layout; streaming HF export.
 - `convert`: HF folder <-> Megatron distributed checkpoint (torch_dist) files.
 
 Submodules are imported explicitly; this package imports nothing (no Megatron at import time).

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from mopd_megatron.config import ModelConfig, ParallelConfig, validate_layout
+from mopd_megatron.config import ModelConfig, ParallelConfig
 from mopd_megatron.hf.layout import padded_vocab_size
-from mopd_megatron.hf.megatron_io import export_hf_weights, load_hf_weights
 from mopd_megatron.hf.safetensors_io import copy_hf_metadata, write_hf_folder
 from mopd_megatron.hf.spec import HFModelSpec, read_hf_config
+from mopd_megatron.student.hf_weights import export_hf_weights, load_hf_weights
 
 HF_CONFIG_DIR = "hf_config"
 """Sub-folder of a converted Megatron checkpoint with the HF config.json and tokenizer files."""
@@ -147,7 +147,8 @@ def _init_layout(parallel: ParallelConfig, spec, source) -> ParallelConfig:
 
     Alone, the process holds the whole model (TP=PP=EP=1); under torchrun it runs `parallel`.
     """
-    from mopd_megatron.student.parallel import init_parallel, layout_dims
+    from mopd_megatron.student.layout import layout_dims, validate_layout
+    from mopd_megatron.student.parallel import init_parallel
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     minimal_world = parallel.tp * parallel.pp * parallel.cp * parallel.ep * parallel.etp

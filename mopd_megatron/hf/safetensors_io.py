@@ -176,7 +176,7 @@ def write_hf_folder(
     """Write streamed HF tensors as a safetensors folder, plus the source folder's other files.
 
     Args:
-        buckets: lists of (HF name, tensor), e.g. `megatron_io.export_hf_weights(...)`.
+        buckets: lists of (HF name, tensor), e.g. `student.hf_weights.export_hf_weights(...)`.
         out_dir: the folder to write (created).
         source_dir: the HF folder whose config.json, tokenizer and other non-weight files
             are copied; config.json's dtype is set to the written tensors' dtype.

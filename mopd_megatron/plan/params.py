@@ -90,7 +90,7 @@ def layer_params(spec: HFModelSpec, tp: int = 1, ep: int = 1, etp: int = 1) -> R
 
 def stage_layers(num_layers: int, pp: int) -> list[int]:
     """Layers held by each pipeline stage: num_layers / pp each. A split Megatron refuses
-    (`config.validate_layout` reports it) gives the remainder to the first stages, so that a
+    (`student.layout.validate_layout` reports it) gives the remainder to the first stages, so that a
     plan can still be printed."""
     return [num_layers // pp + int(stage < num_layers % pp) for stage in range(pp)]
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mopd_megatron.config import EngineConfig, Recipe, RecipeError, validate_layout
+from mopd_megatron.config import EngineConfig, Recipe, RecipeError
 from mopd_megatron.hf.layout import padded_vocab_size
 from mopd_megatron.hf.spec import HFModelSpec, read_hf_config, spec_from_dict
 from mopd_megatron.plan.memory import StageMemory, StepShape, student_memory
@@ -25,6 +25,7 @@ from mopd_megatron.plan.params import (
 )
 from mopd_megatron.plan.placement import Placement, place
 from mopd_megatron.plan.serving import GIB, ServerPlan, plan_server, server_gpus
+from mopd_megatron.student.layout import validate_layout
 
 
 @dataclass

@@ -3,7 +3,7 @@ DeepSeek-V3 config.
 
 `HFModelSpec` + `ModelConfig` + `ParallelConfig` -> `TransformerConfig` + layer spec ->
 one `GPTModel` per virtual pipeline stage on this rank (wrapped in `Float16Module` for bf16),
-then the HF weights are loaded at this rank's layout (`hf.megatron_io.load_hf_weights`).
+then the HF weights are loaded at this rank's layout (`student.hf_weights.load_hf_weights`).
 
 The forward of a chunk on the last stage, `chunk(input_ids [b, s], position_ids [b, s],
 attention_mask=None)`, returns vocabulary-sharded logits [b, s, V_padded / tp]
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from mopd_megatron.config import ModelConfig, ParallelConfig, RecipeError
 from mopd_megatron.hf.layout import padded_vocab_size
-from mopd_megatron.hf.megatron_io import load_hf_weights, unwrap  # noqa: F401 (re-export)
 from mopd_megatron.hf.spec import HFModelSpec, read_hf_config
+from mopd_megatron.student.hf_weights import load_hf_weights, unwrap  # noqa: F401 (re-export)
 
 
 def use_transformer_engine() -> bool:

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from mopd_megatron.config import ParallelConfig, validate_layout
+from mopd_megatron.config import ParallelConfig
 from mopd_megatron.hf.spec import HFModelSpec
 from mopd_megatron.student.cpu_compat import apply_cpu_patches
+from mopd_megatron.student.layout import layout_dims, validate_layout
 
 _OWNS_PROCESS_GROUP = {"value": False}
 
@@ -42,7 +43,7 @@ def init_parallel(
         parallel: the layout (tp, pp, vpp, cp, ep, etp, backend).
         seed: base seed; stage p draws with `seed + 100 * p`, as Megatron's training does.
         spec: the student's architecture; with it every model-dependent rule of
-            `config.validate_layout` is checked (heads, query groups, layers, experts),
+            `student.layout.validate_layout` is checked (heads, query groups, layers, experts),
             without it only the world-size rules are.
         source: where the layout came from, for error messages.
 
@@ -98,20 +99,3 @@ def teardown_parallel() -> None:
     if _OWNS_PROCESS_GROUP["value"] and dist.is_initialized():
         dist.destroy_process_group()
         _OWNS_PROCESS_GROUP["value"] = False
-
-
-def layout_dims(parallel: ParallelConfig, spec: HFModelSpec | None) -> dict:
-    """The model dimensions `config.validate_layout` checks (neutral ones without a model)."""
-    if spec is not None:
-        return {
-            "num_layers": spec.num_layers,
-            "num_attention_heads": spec.num_attention_heads,
-            "num_query_groups": spec.num_key_value_heads,
-            "num_experts": spec.num_experts,
-        }
-    return {
-        "num_layers": parallel.pp * (parallel.vpp or 1),
-        "num_attention_heads": parallel.tp,
-        "num_query_groups": parallel.tp,
-        "num_experts": parallel.ep if parallel.ep > 1 else 0,
-    }

@@ -25,13 +25,13 @@ from megatron.core import parallel_state
 
 from ..config import Recipe
 from ..hf.convert import HF_CONFIG_DIR, save_hf_checkpoint
-from ..hf.megatron_io import export_hf_weights
 from ..hf.safetensors_io import copy_hf_metadata
 from ..hf.spec import HFModelSpec, read_hf_config
 from ..mopd.objectives import LossContext, Objective
 from ..sync.probe import probe_gap
 from .checkpoint import load_checkpoint, save_checkpoint
 from .forward import forward_logprobs
+from .hf_weights import export_hf_weights
 from .model import build_student
 from .optimizer import setup_optimizer
 from .parallel import DistInfo, init_parallel, teardown_parallel

@@ -26,7 +26,7 @@ from multirank import report
 
 from mopd_megatron.config import ModelConfig, ParallelConfig
 from mopd_megatron.hf.convert import hf_to_megatron, megatron_to_hf
-from mopd_megatron.hf.megatron_io import export_hf_weights, unwrap
+from mopd_megatron.student.hf_weights import export_hf_weights, unwrap
 from mopd_megatron.hf.safetensors_io import (
     HFCheckpointError,
     HFCheckpointReader,
@@ -150,7 +150,7 @@ def run_case(case):
         spec = read_hf_config(case["hf"])
         init_parallel(layout, seed=1, spec=spec)
         chunks = build_model(spec, ModelConfig(), layout)
-        from mopd_megatron.hf.megatron_io import load_hf_weights
+        from mopd_megatron.student.hf_weights import load_hf_weights
 
         try:
             load_hf_weights(chunks, case["hf"], spec)

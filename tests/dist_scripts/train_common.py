@@ -127,7 +127,7 @@ def forward_rows(chunks, spec, batch: dict) -> tuple[list, list]:
 
 def exported_weights(chunks, spec) -> torch.Tensor:
     """Every HF tensor of the model, as this rank sees it, flattened in name order."""
-    from mopd_megatron.hf.megatron_io import export_hf_weights
+    from mopd_megatron.student.hf_weights import export_hf_weights
 
     tensors = dict(kv for bucket in export_hf_weights(chunks, spec) for kv in bucket)
     return torch.cat([tensors[name].flatten().float() for name in sorted(tensors)])

@@ -1,4 +1,7 @@
-"""HF conversion stage: HF tensors <-> a built Megatron-Core model at any TP/PP/EP/ETP/DP layout.
+"""Student stage: HF tensors <-> the built Megatron-Core model at any TP/PP/EP/ETP/DP layout.
+
+The per-architecture name and layout rules live in `hf/`; this module applies them to this
+rank's parameters with Megatron's process groups (so it lives with the student).
 
 Import (`load_hf_weights`): every rank reads, for each of its own parameters, only the HF
 tensors that parameter needs, re-lays them out (`hf.layout`) and copies its shard in.
