@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from .rollout.transport import run_sync
 from .rollout.types import SamplingParams
 from .sources import broadcast_from_leader
 from .trajectory import Trajectory
+
+logger = logging.getLogger(__name__)
 
 STAT_KEYS = ("prompts", "drawn", "correct", "kept")
 """Per-domain counts of the sampling: prompts, responses drawn, verified, kept."""
@@ -105,13 +108,14 @@ class TeacherSamples:
         pool = None
         if serving.teachers is not None:
             pool = self._sample(serving.teachers, tokenizer, train_records, recipe)
-        kept, stats = broadcast_from_leader(pool)
-        drawn = sum(s["drawn"] for s in stats.values())
-        if not kept:
-            raise RuntimeError(f"rollout.source teacher_samples: none of the {drawn} teacher "
-                               f"samples was verified, so there is nothing to fine-tune on")
-        self.stats = stats
-        self.batches = EpochBatches(kept, recipe.data.prompts_per_step, recipe.train.seed)
+        kept, self.stats = broadcast_from_leader(pool)
+        self.batches = None
+        if kept:
+            self.batches = EpochBatches(kept, recipe.data.prompts_per_step, recipe.train.seed)
+        else:
+            drawn = sum(s["drawn"] for s in self.stats.values())
+            logger.warning("rollout.source teacher_samples: none of the %d teacher samples was "
+                           "verified; the student is not fine-tuned", drawn)
 
     @staticmethod
     def _sample(pool, tokenizer, records, recipe: Recipe):
@@ -128,4 +132,5 @@ class TeacherSamples:
         return kept, stats
 
     def next(self, step: int) -> list[Trajectory]:
-        return self.batches.next_batch()
+        """The step's batch; empty when no sample was verified (the loop then skips it)."""
+        return self.batches.next_batch() if self.batches else []

@@ -83,6 +83,8 @@ def train(recipe: Recipe, train_only: str | Path | None = None) -> Path:
         for step in range(start_step + 1, recipe.train.steps + 1):
             t0 = time.perf_counter()
             trajectories = source.next(step)
+            if not trajectories:  # nothing to learn from this step (e.g. no verified sample)
+                continue
             t1 = time.perf_counter()
             batch = build_batch(trajectories, pad_id=tokenizer.pad_token_id,
                                 domains=prompts.domains, topk=objective.needs.teacher_top_k)
