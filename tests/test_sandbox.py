@@ -267,10 +267,10 @@ def test_code_prompts_are_refused_before_any_model_is_built(tmp_path, monkeypatc
     monkeypatch.setattr(sandbox, "unavailable_reason", lambda: "bwrap is missing (test)")
     monkeypatch.setattr(sandbox, "_weak_mode", False)
     path = tmp_path / "prompts.jsonl"
-    save_prompts([PromptRecord(domain="rev", prompt="rev ab=", answer="ba"),
+    save_prompts([PromptRecord(domain="math", prompt="1+1=", answer="2"),
                   PromptRecord(domain="code", prompt="rev ab=", tests=["pass"])], path)
     cfg, tokenizer = DataConfig(train_files=[str(path)]), build_char_tokenizer()
     with pytest.raises(RecipeError, match="bwrap is missing"):
         load_prompt_set(cfg, tokenizer, seed=0)
     cfg.allow_weak_sandbox = True
-    assert load_prompt_set(cfg, tokenizer, seed=0).domains == ["code", "rev"]
+    assert load_prompt_set(cfg, tokenizer, seed=0).domains == ["code", "math"]
