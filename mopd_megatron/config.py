@@ -135,6 +135,11 @@ class RolloutConfig(EngineConfig):
     (off-policy fine-tuning, RFT; train with algorithm.loss: sft)."""
     teacher_sample_prompts: int = 0
     """teacher_samples: prompts to sample teachers on (x n_samples_per_prompt); 0 = all."""
+    routing_replay: bool = True
+    """Rollout routing replay (R3) for MoE students: the engine returns every token's routed
+    experts (SGLang: --enable-return-routed-experts) and the trainer's routers use them, so
+    both engines run the same experts. Ignored for dense students; teachers never replay.
+    Turn off to measure the mismatch, or for an engine that cannot return routes."""
 
     def check(self, src: str) -> None:
         if self.engine == "url":

@@ -52,10 +52,15 @@ def plot_domain_scores(scores: dict[str, dict[str, float]], path: Path, title: s
     plt.close(fig)
 
 
-def plot_history(history_file: Path, keys: list[str], path: Path) -> None:
+MISMATCH_KEYS = ["routing/agreement", "routing/replayed", "icepop/gated", "logprob_gap"]
+"""Engine/trainer mismatch per step: routes agreeing before replay, routes replayed, tokens
+IcePop gated, mean |log π_θ − log μ_θ| on trained tokens."""
+
+
+def plot_history(history_file: Path, keys: list[str], path: Path, evals: bool = True) -> None:
     """Curves of the named scalars (and every held-out `eval/` score) against the step."""
     rows = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
-    evals = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    evals = sorted({k for r in rows for k in r if k.startswith("eval/")}) if evals else []
     keys = [k for k in keys if any(k in r for r in rows)] + evals
     if not keys:
         return
@@ -85,6 +90,7 @@ def write_report(
     history = run_dir / "history.jsonl"
     if history.exists():
         plot_history(history, ["loss", "kl/mean", "reward/mean"], run_dir / "training_curves.png")
+        plot_history(history, MISMATCH_KEYS, run_dir / "engine_mismatch.png", evals=False)
     domains = list(next(iter(scores.values())))
     lines = [f"# {title}", "", "| | " + " | ".join(domains) + " |",
              "|---|" + "---:|" * len(domains)]
@@ -96,6 +102,8 @@ def write_report(
     lines += ["", "![per-domain scores](domain_scores.png)", ""]
     if (run_dir / "training_curves.png").exists():
         lines += ["![training curves](training_curves.png)", ""]
+    if (run_dir / "engine_mismatch.png").exists():
+        lines += ["![engine/trainer mismatch](engine_mismatch.png)", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -8,13 +8,15 @@ running ones; nothing else in the loop changes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .collect import evaluate_engine
-from .config import Recipe
+from .config import Recipe, RolloutConfig
+from .hf.spec import read_hf_config
 from .rollout.client import EngineClient
 from .rollout.sglang import start_engine
 from .rollout.transport import run_sync
@@ -60,6 +62,13 @@ class NoServing:
         return {}
 
 
+def rollout_config(recipe: Recipe) -> RolloutConfig:
+    """The rollout engine's settings, with routing replay only for an MoE student (a dense
+    model has no routes to return)."""
+    moe = read_hf_config(recipe.model.hf_path).is_moe
+    return dataclasses.replace(recipe.rollout, routing_replay=recipe.rollout.routing_replay and moe)
+
+
 @contextmanager
 def start_serving(recipe: Recipe, run_dir: Path, owner: bool = True):
     """Start (or attach to) every engine the recipe names; stop them all on exit.
@@ -76,7 +85,8 @@ def start_serving(recipe: Recipe, run_dir: Path, owner: bool = True):
     with ExitStack() as stack:
         # The rollout engine starts while the teachers start; both are healthy past this block.
         rollout = stack.enter_context(
-            start_engine(recipe.rollout, recipe.model.hf_path, log_dir, name="rollout", wait=False)
+            start_engine(rollout_config(recipe), recipe.model.hf_path, log_dir, name="rollout",
+                         wait=False)
         )
         teachers = stack.enter_context(
             TeacherPool.start(recipe.teachers, recipe.model.hf_path, log_dir)

@@ -12,7 +12,6 @@ Dumps are one JSON-lines file per step, `<dir>/step_0000001.jsonl`, one trajecto
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -94,7 +93,7 @@ class SavedTrajectories:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no saved trajectories for step {step}")
         lines = path.read_text().splitlines()
-        return [Trajectory(**json.loads(line)) for line in lines if line.strip()]
+        return [Trajectory.from_json(json.loads(line)) for line in lines if line.strip()]
 
 
 def rollout_only(recipe: Recipe, out_dir: str | Path) -> Path:
@@ -120,6 +119,6 @@ def dump_trajectories(directory: Path, step: int, trajectories: list[Trajectory]
     """Write one step's trajectories as JSON lines (what `SavedTrajectories` reads)."""
     path = dump_path(directory, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (json.dumps(dataclasses.asdict(t), allow_nan=True) for t in trajectories)
+    lines = (json.dumps(t.to_json(), allow_nan=True) for t in trajectories)
     path.write_text("".join(f"{line}\n" for line in lines))
     return path

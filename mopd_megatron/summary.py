@@ -11,7 +11,7 @@ from .report import normalized_scores, write_report
 from .trajectory import Trajectory
 
 TOKEN_MEANS = {"kl/mean": "kl_sum", "entropy": "entropy_sum", "icepop/gated": "icepop_gated",
-               "adv/mean": "adv_sum", "nll": "nll_sum"}
+               "adv/mean": "adv_sum", "nll": "nll_sum", "logprob_gap": "logprob_gap_sum"}
 """Scalar name -> the metric sum it is the per-token mean of."""
 
 
@@ -51,6 +51,10 @@ def step_scalars(
     out["throughput/generated_tokens_per_s"] = generated / max(times["rollout"], 1e-9)
     if gap is not None:
         out["sync/logprob_gap"] = float(gap)
+    if metrics.get("routes"):  # routing replay: routes the loss depends on, over all ranks
+        out["routing/replayed"] = _ratio(metrics["routes_replayed"], metrics["routes"])
+        out["routing/agreement"] = _ratio(metrics["routes_agreed"], metrics["routes_replayed"])
+        out["routing/fallback"] = float(metrics["routes"] - metrics["routes_replayed"])
     return out
 
 

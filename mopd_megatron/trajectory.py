@@ -10,11 +10,31 @@ entry t describes token t given tokens[:t]. The first position has no log-prob (
 - `behaviour_logprobs[t]` is the rollout engine's log-prob μθ of token t (0 where masked).
 - `teacher_logprobs[t]` is the domain teacher's log-prob of token t; `teacher_topk_*[t]`
   its top-k ids and log-probs at position t (k entries; ids -1 / log-probs -inf pad).
+- `routed_experts` [L, layers, k] (routing replay, MoE students): the top-k expert ids the
+  rollout engine used for token t in each decoder layer, in the smallest integer type that
+  holds the expert count (`route_dtype`), −1 where none was recorded (SGLang records no route
+  for the last token, which is never run through the model).
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+ROUTES_KEY = "routed_experts"
+"""The name of the routes in a trajectory, a batch and SGLang's `meta_info`."""
+
+
+def route_dtype(num_experts: int) -> torch.dtype:
+    """The smallest signed integer type holding expert ids and the −1 sentinel."""
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        if num_experts - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    raise ValueError(f"{num_experts} experts do not fit int32 expert ids")
 
 
 @dataclass
@@ -31,6 +51,8 @@ class Trajectory:
     teacher_topk_ids: list[list[int]] = field(default_factory=list)
     teacher_topk_logprobs: list[list[float]] = field(default_factory=list)
     finish_reason: str = ""
+    routed_experts: torch.Tensor | None = None
+    """[L, layers, k] expert ids per token and layer (see the module docstring), or None."""
 
     @property
     def num_generated(self) -> int:
@@ -53,3 +75,22 @@ class Trajectory:
     def response_start(self) -> int:
         """Position of the first generated token."""
         return self.loss_mask.index(1) if 1 in self.loss_mask else len(self.loss_mask)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict (the routes as base64 bytes with their dtype and shape)."""
+        out = dataclasses.asdict(dataclasses.replace(self, routed_experts=None))
+        if self.routed_experts is not None:
+            routes = self.routed_experts.contiguous()
+            out[ROUTES_KEY] = {"dtype": str(routes.dtype).removeprefix("torch."),
+                               "shape": list(routes.shape),
+                               "data": base64.b64encode(routes.numpy().tobytes()).decode()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> Trajectory:
+        """The inverse of `to_json`."""
+        routes = data.get(ROUTES_KEY)
+        if routes is not None:
+            array = np.frombuffer(base64.b64decode(routes["data"]), dtype=routes["dtype"])
+            data = {**data, ROUTES_KEY: torch.from_numpy(array.copy()).view(routes["shape"])}
+        return cls(**data)

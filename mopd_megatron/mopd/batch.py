@@ -13,13 +13,16 @@ field is aligned with the logits at position t, which predict the target y = tok
     teacher_topk_logprobs[B, S, k] float their log-probs (-inf pad)
     orm_advantages       [B]     float   GRPO group-normalised verifier reward
     domain_ids           [B]     int64   index of the domain in `domains`
+    routed_experts       [B, S, L, k]    the rollout engine's expert ids of *input* token t
+                                         (aligned with `tokens`, not shifted), −1 pad; only
+                                         when a trajectory carries routes (routing replay)
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..trajectory import Trajectory
+from ..trajectory import ROUTES_KEY, Trajectory
 from .advantages import grpo_advantages
 
 
@@ -44,6 +47,17 @@ def _shifted_topk(trajs: list[Trajectory], length: int, k: int):
             ids[i, t, :n] = torch.tensor(row_ids[:n], dtype=torch.long)
             logprobs[i, t, :n] = torch.tensor(row_lp[:n], dtype=torch.float32)
     return ids, logprobs
+
+
+def _routes(trajs: list[Trajectory], length: int) -> torch.Tensor:
+    """[B, length, L, k] routes aligned with the tokens; −1 (never expert 0) where a trajectory
+    has none (padding, or an engine that returned no routes)."""
+    known = next(t.routed_experts for t in trajs if t.routed_experts is not None)
+    out = torch.full((len(trajs), length, *known.shape[1:]), -1, dtype=known.dtype)
+    for i, traj in enumerate(trajs):
+        if traj.routed_experts is not None:
+            out[i, : len(traj.routed_experts)] = traj.routed_experts
+    return out
 
 
 def build_batch(
@@ -73,6 +87,8 @@ def build_batch(
         batch["teacher_logprobs"] = _shifted(
             [t.teacher_logprobs for t in trajectories], length, 0.0, torch.float32
         )
+    if any(t.routed_experts is not None for t in trajectories):
+        batch[ROUTES_KEY] = _routes(trajectories, length)
     if topk:
         batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = _shifted_topk(
             trajectories, length, topk

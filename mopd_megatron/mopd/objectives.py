@@ -124,6 +124,9 @@ class Objective:
         loss_sum = sequence_mean(per_token, mask).sum()
         num_sequences = (mask.sum(-1) > 0).sum()
         metrics = _metrics(mask, token_kl, entropy, gated, advantages, mb, self.ctx.num_domains)
+        # |log π_θ − log μ_θ|: the engine/trainer mismatch IcePop gates (routing replay shrinks it)
+        gap = (logprob.detach() - mb["behaviour_logprobs"]).abs()
+        metrics["logprob_gap_sum"] = (gap * mask).sum()
         return loss_sum, num_sequences, metrics
 
     def _logprob_entropy(self, logits: Tensor, mb: dict, temperature: float):

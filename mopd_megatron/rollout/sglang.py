@@ -5,7 +5,9 @@ produces an `EngineHandle` with the server's `url` and an `EngineClient`. One en
 `start_engine`, serves the student's rollout engine and every teacher:
 
 - `sglang`: `python -m sglang.launch_server --model-path P --host H --port N --tp-size ..
-  --dp-size .. --ep-size .. --mem-fraction-static .. [extra_args]` (a GPU machine);
+  --dp-size .. --ep-size .. --mem-fraction-static .. [--enable-return-routed-experts]
+  [extra_args]` (a GPU machine; the routes flag when the rollout engine's
+  `routing_replay` is on);
 - `local`: the embedded CPU engine, `python -m mopd_megatron.rollout.local_server` with the
   same flags where it has them (`extra_args` are passed on, e.g. `--num-threads 2`);
 - `url`: attach to a server that is already running at `cfg.url` (nothing is launched or
@@ -50,9 +52,11 @@ def launch_command(cfg: EngineConfig, model_path: str, port: int) -> list[str]:
                              f"dp={cfg.dp} ep={cfg.ep}")
         return [sys.executable, "-m", "mopd_megatron.rollout.local_server", *common,
                 *cfg.extra_args]
+    # Routing replay: only the rollout engine's config has the key (teachers never replay).
+    routes = ["--enable-return-routed-experts"] if getattr(cfg, "routing_replay", False) else []
     return [sys.executable, "-m", "sglang.launch_server", *common, "--tp-size", str(cfg.tp),
             "--dp-size", str(cfg.dp), "--ep-size", str(cfg.ep),
-            "--mem-fraction-static", str(cfg.mem_fraction_static), *cfg.extra_args]
+            "--mem-fraction-static", str(cfg.mem_fraction_static), *routes, *cfg.extra_args]
 
 
 class EngineHandle:

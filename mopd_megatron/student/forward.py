@@ -13,7 +13,8 @@ otherwise `next_token_targets(tokens)`.
 A batch is a dict of tensors whose dim 0 is the sequence: `tokens` [B, S] int64 right-padded,
 optional `position_ids` [B, S] and `targets` [B, S], and whatever else the loss reads
 ([B], [B, S], [B, S, k], ...). With sequence parallelism Megatron needs S divisible by tp, so
-`pad_sequence` right-pads every [B, S, ...] tensor with zeros (a 0 loss_mask ignores them).
+`pad_sequence` right-pads every [B, S, ...] tensor with zeros (a 0 loss_mask ignores them),
+the engine's routes `routed_experts` [B, S, L, k] with −1 (no route: never expert 0).
 
 Micro-batches of `micro_batch_size` sequences run through Megatron's
 `get_forward_backward_func` (no pipelining, or 1F1B / interleaved 1F1B under PP). On the last
@@ -36,6 +37,7 @@ from megatron.core.utils import get_model_config
 from torch import Tensor
 
 from mopd_megatron.mopd.objectives import token_logprob_entropy
+from mopd_megatron.student.routing_replay import ROUTES_KEY, RouteReplayer
 
 Batch = dict[str, Tensor]
 """Sequences along dim 0; see the module docstring for the keys."""
@@ -65,7 +67,8 @@ def token_logprobs(
 
 
 def pad_sequence(batch: Batch, multiple: int) -> Batch:
-    """Right-pad every [B, S, ...] tensor with zeros so that S is a multiple of `multiple`."""
+    """Right-pad every [B, S, ...] tensor so that S is a multiple of `multiple` (zeros; −1 for
+    the routes, which mark "no route")."""
     length = batch["tokens"].shape[1]
     extra = -length % multiple
     if not extra:
@@ -73,7 +76,8 @@ def pad_sequence(batch: Batch, multiple: int) -> Batch:
     padded = {}
     for key, value in batch.items():
         if value.dim() >= 2 and value.shape[1] == length:
-            pad = value.new_zeros((value.shape[0], extra, *value.shape[2:]))
+            fill = -1 if key == ROUTES_KEY else 0
+            pad = value.new_full((value.shape[0], extra, *value.shape[2:]), fill)
             value = torch.cat([value, pad], dim=1)
         padded[key] = value
     return padded
@@ -121,6 +125,7 @@ def run_schedule(
     loss_func: Callable,
     *,
     forward_only: bool,
+    replay: RouteReplayer | None = None,
 ) -> list:
     """Run the micro-batches through Megatron's forward(-backward) schedule.
 
@@ -131,6 +136,8 @@ def run_schedule(
             Megatron's (loss, num_tokens, reported) triple, with `forward_only` it returns the
             data to collect.
         forward_only: no backward pass (and the schedule collects `loss_func`'s data).
+        replay: replays the micro-batches' `routed_experts` in the MoE routers (forward and
+            recompute); None = live routing.
 
     Returns:
         What the schedule stored on the last pipeline stage, one entry per micro-batch
@@ -145,7 +152,11 @@ def run_schedule(
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
+        if replay is not None:
+            replay.before_forward(model, micro_batch)
         output = model(micro_batch["tokens"], micro_batch.get("position_ids"), None)
+        if replay is not None:
+            replay.after_forward(model)
         return output, partial(_call_loss, loss_func, micro_batch)
 
     if len(model_chunks) > 1:
@@ -153,16 +164,20 @@ def run_schedule(
     else:
         data_iterator = iter(micro_batches)
     tokens = micro_batches[0]["tokens"]
-    return get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=data_iterator,
-        model=model_chunks,
-        num_microbatches=len(micro_batches),
-        seq_length=tokens.shape[1],
-        micro_batch_size=tokens.shape[0],
-        forward_only=forward_only,
-        collect_non_loss_data=forward_only,
-    )
+    try:
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data_iterator,
+            model=model_chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=forward_only,
+            collect_non_loss_data=forward_only,
+        )
+    finally:
+        if replay is not None:
+            replay.release()
 
 
 def _call_loss(loss_func: Callable, micro_batch: Batch, output: Tensor, non_loss_data=False):
@@ -178,6 +193,7 @@ def forward_logprobs(
     *,
     vocab_size: int,
     temperature: float = 1.0,
+    replay: RouteReplayer | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Log-probs of the next tokens and the entropy at every position, without gradients.
 
@@ -190,6 +206,7 @@ def forward_logprobs(
         micro_batch_size: sequences per forward micro-batch.
         vocab_size: the real vocabulary size (`spec.vocab_size`).
         temperature: π = softmax(logits / temperature) (the rollout temperature).
+        replay: see `run_schedule`.
 
     Returns:
         (logprob [B, S], entropy [B, S]) fp32, on every TP and PP rank of this DP rank;
@@ -204,7 +221,7 @@ def forward_logprobs(
         return torch.stack([logprob, entropy]).float()
 
     micro_batches = prepare_micro_batches(model_chunks, batch, micro_batch_size)
-    stored = run_schedule(model_chunks, micro_batches, collect, forward_only=True)
+    stored = run_schedule(model_chunks, micro_batches, collect, forward_only=True, replay=replay)
     tokens = micro_batches[0]["tokens"]
     result = tokens.new_empty((2, batch["tokens"].shape[0], tokens.shape[1]), dtype=torch.float32)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):

@@ -35,6 +35,7 @@ from .hf_weights import export_hf_weights
 from .model import build_student
 from .optimizer import setup_optimizer
 from .parallel import DistInfo, init_parallel, teardown_parallel
+from .routing_replay import ROUTES_KEY, RouteReplayer, route_dtype
 from .train_step import slice_for_data_parallel, train_step
 
 BUCKET_BYTES = 256 << 20
@@ -51,16 +52,21 @@ class Student:
     chunks: list[torch.nn.Module]
     optimizer: Any
     scheduler: Any
+    replay: RouteReplayer | None = None
+    """Replays the rollout engine's routes in the MoE routers (`rollout.routing_replay`)."""
 
     @classmethod
     def build(cls, recipe: Recipe) -> Student:
         """Process groups, model, HF weights, DDP, optimizer and schedule, as the recipe says."""
         spec = read_hf_config(recipe.model.hf_path)
         info = init_parallel(recipe.parallel, recipe.train.seed, spec, recipe.source)
-        chunks, _ = build_student(recipe.model.hf_path, recipe.model, recipe.parallel, spec)
+        replays = recipe.rollout.routing_replay and spec.is_moe
+        chunks, _ = build_student(recipe.model.hf_path, recipe.model, recipe.parallel, spec,
+                                  moe_enable_routing_replay=replays)
         chunks, optimizer, scheduler = setup_optimizer(chunks, recipe.optimizer,
                                                        recipe.train.steps)
-        return cls(recipe, spec, info, chunks, optimizer, scheduler)
+        replay = RouteReplayer(chunks, spec.num_layers) if replays else None
+        return cls(recipe, spec, info, chunks, optimizer, scheduler, replay)
 
     @property
     def is_leader(self) -> bool:
@@ -75,10 +81,18 @@ class Student:
         )
 
     def step(self, batch: dict, objective: Objective) -> dict[str, float]:
-        """One optimizer step on the global batch (the same on every rank); see `train_step`."""
+        """One optimizer step on the global batch (the same on every rank); see `train_step`.
+        With routing replay, a batch without routes replays none (every route is counted as
+        a fallback to the live router)."""
+        if self.replay is not None:
+            if ROUTES_KEY not in batch:
+                shape = (*batch["tokens"].shape, self.spec.num_layers, self.replay.topk)
+                batch = {**batch, ROUTES_KEY: torch.full(
+                    shape, -1, dtype=route_dtype(self.spec.num_experts))}
+            self.replay.check(batch[ROUTES_KEY])
         return train_step(self.chunks, self.optimizer, self.scheduler,
                           slice_for_data_parallel(batch), objective,
-                          self.recipe.parallel.micro_batch_size)
+                          self.recipe.parallel.micro_batch_size, self.replay)
 
     def logprobs(self, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """[B, S] log p(tokens[:, t+1] | tokens[:, :t+1]) of unpadded sequences (every rank)."""

@@ -43,6 +43,7 @@ from megatron.core.utils import get_model_config
 from torch import Tensor
 
 from mopd_megatron.student.forward import Batch, prepare_micro_batches, run_schedule
+from mopd_megatron.student.routing_replay import RouteReplayer
 
 LossFn = Callable[[Tensor, Batch], tuple[Tensor, Tensor, dict[str, Tensor]]]
 """`loss_fn(logits, micro_batch) -> (loss_sum, num_units, metrics)`; see the module docstring."""
@@ -79,6 +80,7 @@ def train_step(
     batch: Batch,
     loss_fn: LossFn,
     micro_batch_size: int,
+    replay: RouteReplayer | None = None,
 ) -> dict[str, float]:
     """Forward, backward and one optimizer step on this DP rank's share of the batch.
 
@@ -91,6 +93,8 @@ def train_step(
         batch: this DP rank's sequences (see `slice_for_data_parallel`).
         loss_fn: the caller's loss (contract in the module docstring).
         micro_batch_size: sequences per micro-batch.
+        replay: replays the batch's `routed_experts` (see `student.routing_replay`); its
+            counts join the returned metrics.
 
     Returns:
         The same dict on every rank: `loss` (Σ loss_sum / Σ num_units), `num_units`,
@@ -116,13 +120,18 @@ def train_step(
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    stored = run_schedule(model_chunks, micro_batches, step_loss, forward_only=False)
+    if replay is not None:
+        replay.reset()
+    stored = run_schedule(model_chunks, micro_batches, step_loss, forward_only=False,
+                          replay=replay)
     lr = get_canonical_lr_for_logging(optimizer.param_groups)
     update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
     totals = _reduce_metrics(stored)
     totals["loss"] /= max(totals["num_units"], 1.0)
+    if replay is not None:
+        totals.update(replay.totals())
     totals.update(
         grad_norm=float(grad_norm or 0.0),
         lr=float(lr),
