@@ -310,7 +310,7 @@ class LaunchConfig:
     The student's world size is `parallel.world_size` (0 = the fewest ranks the layout
     needs); its ranks fill whole nodes. Each `sglang` engine (the rollout engine, and one per
     distinct teacher model) becomes one SGLang server on tp * dp GPUs (tp with
-    --enable-dp-attention), on nodes of its own group.
+    data-parallel attention, `--attn-dp-size`), on nodes of its own group.
     """
 
     gpus_per_node: int = 8

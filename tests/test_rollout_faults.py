@@ -38,7 +38,8 @@ FAULTS = {
         [dict(r, output_ids=[7, 8]) for r in good_reply(body)])),
     "nan": lambda body: (200, json.dumps(good_reply(body)).replace("-0.5", "NaN")),
     "missing_items": lambda body: (200, json.dumps(good_reply(body)[:-1])),
-    "wrong_token": lambda body: (200, json.dumps(good_reply(body)).replace(", 7, null", ", 9, null")),
+    "wrong_token": lambda body: (200, json.dumps(good_reply(body)).replace(", 7, null",
+                                                                           ", 9, null")),
     "http500": lambda body: (500, "internal error: out of memory"),
     "http400": lambda body: (400, '{"error": "bad request"}'),
 }
@@ -138,3 +139,120 @@ def test_transient_errors_within_the_retries_are_survived(fault):
     client, _ = fault("ok")
     scores = client.score([[3, 4, 5, 6]], [2])
     assert scores[0].token_logprobs == [-1.0, -1.0]
+
+
+# -- malformed replies of every shape (teacher scoring and rollout) --------------------------
+
+SCORE_SEQS, SCORE_STARTS, TOP_K = [[3, 4, 5, 6], [6, 7, 8]], [2, 1], 2
+
+
+def score_reply(body):
+    """A well-formed prefill-scoring reply with top-k rows (what a teacher returns)."""
+    out = []
+    for ids, start in zip(body["input_ids"], body["logprob_start_len"]):
+        rows = [[[-0.5, 9, None], [-1.5, 10, None]] for _ in ids[start + 1:]]
+        meta = {"finish_reason": {"type": "length", "length": 0}, "output_token_logprobs": [],
+                "input_token_logprobs": [[None, ids[start], None]]
+                + [[-1.0, t, None] for t in ids[start + 1:]],
+                "input_top_logprobs": [None] + rows}
+        out.append({"text": "", "output_ids": [], "meta_info": meta})
+    return out
+
+
+def mutations(value, path=()):
+    """Every one-node change of a JSON tree into a wrong shape: a node replaced by a null, a
+    string, a bool, an empty list or object; a key dropped; a list cut short or grown."""
+    for wrong in (None, "x", True, [], {}, [None]):
+        yield path, ("set", wrong)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield path, ("drop", key)
+            yield from mutations(item, path + (key,))
+    if isinstance(value, list) and value:
+        yield path, ("cut", None)
+        yield path, ("grow", None)
+        for i, item in enumerate(value):
+            yield from mutations(item, path + (i,))
+
+
+def mutate(tree, path, change):
+    tree = json.loads(json.dumps(tree))
+    if not path and change[0] == "set":
+        return change[1]
+    parent = tree
+    for key in path[:-1] if change[0] == "set" else path:
+        parent = parent[key]
+    kind, arg = change
+    if kind == "set":
+        parent[path[-1]] = arg
+    elif kind == "drop":
+        del parent[arg]
+    elif kind == "cut":
+        parent.pop()
+    else:
+        parent.append(parent[-1])
+    return tree
+
+
+class CannedClient(EngineClient):
+    """A client whose server always sends the same reply bytes (no sockets)."""
+
+    def __init__(self, reply, **kwargs):
+        super().__init__("http://teacher.invalid:1", max_retries=1, backoff_s=0.0, **kwargs)
+        self.reply, self.calls = reply, 0
+
+    async def _http(self, method, path, body):
+        self.calls += 1
+        return 200, json.dumps(self.reply).encode()
+
+
+@pytest.mark.parametrize("call", ["generate", "score"])
+def test_every_malformed_reply_is_a_retried_engine_error(call):
+    """Each one-node change of a good reply either leaves the parsed result as it was (a field
+    the client does not read) or raises EngineError naming the endpoint, after a retry; never
+    a bare TypeError or KeyError, never a silently different result."""
+    if call == "generate":
+        run = lambda c: c.generate(PROMPTS, SAMPLING)  # noqa: E731
+        good = good_reply({"input_ids": PROMPTS})
+    else:
+        run = lambda c: c.score(SCORE_SEQS, SCORE_STARTS, top_k=TOP_K)  # noqa: E731
+        good = score_reply({"input_ids": SCORE_SEQS,
+                            "logprob_start_len": [r - 1 for r in SCORE_STARTS]})
+    expected = run(CannedClient(good))
+    refused = 0
+    for path, change in mutations(good):
+        client = CannedClient(mutate(good, path, change))
+        try:
+            assert run(client) == expected, (path, change)
+        except EngineError as err:
+            assert err.url == client.url and "/generate" in str(err), (path, change, err)
+            assert err.attempts == client.calls == 2, (path, change)
+            refused += 1
+    assert refused > 100  # most changes break something the client reads
+
+
+class OlderServer(EngineClient):
+    """A client facing an SGLang older than 0.5.23 (no /model_info, /server_info, no weight
+    update sessions): every new route answers 404, as FastAPI does for an unknown path."""
+
+    NEW = {"/model_info", "/server_info", "/begin_weight_update", "/end_weight_update"}
+
+    def __init__(self):
+        super().__init__("http://old-sglang.invalid:1", max_retries=0)
+        self.paths = []
+
+    async def _http(self, method, path, body):
+        self.paths.append(path)
+        if path in self.NEW:
+            return 404, b'{"detail": "Not Found"}'
+        return 200, json.dumps({"model_path": "/m", "tp_size": 1, "success": True,
+                                "message": "Succeeded to update model weights."}).encode()
+
+
+def test_older_servers_get_the_deprecated_routes_and_no_session():
+    client = OlderServer()
+    assert client.model_info()["model_path"] == "/m" and client.server_info()["tp_size"] == 1
+    with client.weight_update_session():
+        client.update_weights_from_disk("/m")
+    assert client.paths == ["/model_info", "/get_model_info", "/server_info", "/get_server_info",
+                            "/begin_weight_update", "/update_weights_from_disk"]

@@ -11,12 +11,12 @@ from mopd_megatron.rollout.sglang import free_port, launch_command
 
 
 def test_sglang_command_line_from_the_recipe():
-    cfg = EngineConfig(engine="sglang", tp=4, dp=2, ep=4, mem_fraction_static=0.7,
-                       extra_args=["--enable-dp-attention"])
+    cfg = EngineConfig(engine="sglang", tp=4, dp=1, ep=4, mem_fraction_static=0.7,
+                       extra_args=["--attn-dp-size", "2"])
     assert launch_command(cfg, "/ckpt/qwen3-30b-a3b", 30011) == [
         sys.executable, "-m", "sglang.launch_server", "--model-path", "/ckpt/qwen3-30b-a3b",
-        "--host", "127.0.0.1", "--port", "30011", "--tp-size", "4", "--dp-size", "2",
-        "--ep-size", "4", "--mem-fraction-static", "0.7", "--enable-dp-attention"]
+        "--host", "127.0.0.1", "--port", "30011", "--tp-size", "4", "--dp-size", "1",
+        "--ep-size", "4", "--mem-fraction-static", "0.7", "--attn-dp-size", "2"]
     local = launch_command(EngineConfig(extra_args=["--num-threads", "2"]), "/ckpt/tiny", 1234)
     assert local[1:3] == ["-m", "mopd_megatron.rollout.local_server"]
     assert local[-2:] == ["--num-threads", "2"]

@@ -5,8 +5,9 @@ Consumes the recipe's `sglang` engines with the architecture each one serves; pr
 folder share one server (as `teachers.TeacherPool` starts them), with the first one's settings.
 Engines of kind `local` or `url` take no GPUs of the job and are not planned.
 
-An SGLang server runs dp replicas of tp GPUs each, or with --enable-dp-attention tp GPUs in
-all whose attention runs as dp groups of tp / dp GPUs. Per GPU it holds about 1/tp of the
+An SGLang server runs dp replicas of tp GPUs each, or with data-parallel attention
+(`--attn-dp-size A`; before SGLang 0.5.23 `--enable-dp-attention` with A = dp) tp GPUs in all
+whose attention runs as A groups of tp / A GPUs. Per GPU it holds about 1/tp of the
 weights (in the checkpoint dtype, 1 byte with --quantization fp8) and a KV-cache pool filling
 the rest of mem_fraction_static * GPU memory; a token of context costs 2 (K and V) * layers *
 max(1, ng / attention tp) KV heads * head_dim * 2 bytes on each GPU of its replica (or
@@ -41,9 +42,17 @@ class ServerPlan:
     problems: list[str] = field(default_factory=list)
 
 
+def attention_dp(cfg: EngineConfig) -> int:
+    """Data-parallel attention groups of the server (0 = none)."""
+    size = _flag_value(cfg.extra_args, "--attn-dp-size")
+    if size is not None:
+        return int(size)
+    return cfg.dp if "--enable-dp-attention" in cfg.extra_args else 0
+
+
 def server_gpus(cfg: EngineConfig) -> int:
     """GPUs of one SGLang server: tp * dp, or tp with data-parallel attention."""
-    return cfg.tp if "--enable-dp-attention" in cfg.extra_args else cfg.tp * cfg.dp
+    return cfg.tp if attention_dp(cfg) else cfg.tp * cfg.dp
 
 
 def weight_bytes(spec: HFModelSpec, cfg: EngineConfig) -> int:
@@ -78,16 +87,16 @@ def plan_server(
         problems.append(f"{key}.ep = {cfg.ep} must divide {key}.tp = {cfg.tp}")
     if spec.is_moe and spec.num_experts % cfg.ep:
         problems.append(f"{key}.ep = {cfg.ep} does not divide {spec.num_experts} experts")
-    dp_attention = "--enable-dp-attention" in cfg.extra_args
-    if dp_attention and cfg.tp % cfg.dp:
-        problems.append(f"{key}: --enable-dp-attention needs dp = {cfg.dp} to divide "
-                        f"tp = {cfg.tp}")
+    dp_attention = attention_dp(cfg)
+    if dp_attention and cfg.tp % dp_attention:
+        problems.append(f"{key}: data-parallel attention needs its size {dp_attention} to "
+                        f"divide tp = {cfg.tp}")
     weights = model_params(spec).total * weight_bytes(spec, cfg) // cfg.tp
     pool = int(cfg.mem_fraction_static * gpu_memory_gib * GIB) - weights
-    attention_tp = max(1, cfg.tp // cfg.dp) if dp_attention else cfg.tp
+    attention_tp = max(1, cfg.tp // dp_attention) if dp_attention else cfg.tp
     kv_heads = max(1, spec.num_key_value_heads // attention_tp)
     per_token = 2 * spec.num_layers * kv_heads * spec.head_dim * 2
-    replicas = cfg.dp
+    replicas = dp_attention or cfg.dp
     kv_tokens = max(0, pool) // per_token * replicas
     if pool <= 0:
         problems.append(

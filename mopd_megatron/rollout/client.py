@@ -7,6 +7,12 @@ post-sync probe), plus the control endpoints: health, model/server info, cache f
 the three weight-update paths (disk, tensor, distributed). The rollout engine, every
 teacher and the weight sync talk through this class.
 
+It follows SGLang 0.5.23: tensor and distributed updates run inside a weight-update session
+(`weight_update_session()`: /begin_weight_update ... /end_weight_update), a failed update
+is SGLang's HTTP 400 `{"success": false, "message": ...}` (raised as `EngineError`), and the
+info routes are /model_info and /server_info. Against an older server that answers 404 to
+these routes, it uses /get_model_info and /get_server_info and updates without a session.
+
 Each call is async (`agenerate`, `ascore`, ...) with a blocking twin of the same name
 without the `a`. Sequences go `batch_size` per request in SGLang's batch form (`input_ids`
 as a list of lists), requests run concurrently up to `max_concurrency`, and results come
@@ -16,13 +22,13 @@ back in input order. Deadlines, retries and errors (`EngineError`) are `transpor
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
+from mopd_megatron.rollout.tensor_payload import tensor_payload
 from mopd_megatron.rollout.transport import EngineError, HttpEndpoint, run_sync
 from mopd_megatron.rollout.types import (
     Generation,
@@ -33,10 +39,6 @@ from mopd_megatron.rollout.types import (
 )
 
 __all__ = ["EngineClient", "EngineError", "Generation", "SamplingParams", "Scores"]
-
-SAFETENSORS_B64 = "safetensors_b64"
-"""`load_format` of the embedded engine's tensor payload (SGLang's own is a pickle, below)."""
-
 
 class EngineClient(HttpEndpoint):
     """Client of one SGLang-compatible server (a real SGLang, or the embedded engine).
@@ -113,23 +115,66 @@ class EngineClient(HttpEndpoint):
         except EngineError:
             return False
 
+    async def _get_renamed(self, path: str, old_path: str) -> Any:
+        """GET `path`, or `old_path` on a server that does not have it yet (HTTP 404)."""
+        try:
+            return await self._request("GET", path)
+        except EngineError as err:
+            if err.status != 404:
+                raise
+        return await self._request("GET", old_path)
+
     async def amodel_info(self) -> dict:
-        """GET /get_model_info (has `model_path`)."""
-        return await self._request("GET", "/get_model_info")
+        """GET /model_info (has `model_path`, `weight_version`)."""
+        return await self._get_renamed("/model_info", "/get_model_info")
 
     async def aserver_info(self) -> dict:
-        """GET /get_server_info (launch settings, e.g. `tp_size`)."""
-        return await self._request("GET", "/get_server_info")
+        """GET /server_info (launch settings, e.g. `tp_size`)."""
+        return await self._get_renamed("/server_info", "/get_server_info")
 
     async def aflush_cache(self) -> None:
         """POST /flush_cache (drop the prefix cache)."""
         await self._request("POST", "/flush_cache", json_reply=False)
 
     async def _update(self, path: str, payload: dict, retries: int | None = None) -> dict:
+        """POST a weight-update call; SGLang answers {"success", "message"} (400 on failure)."""
         reply = await self._request("POST", path, payload, retries=retries)
-        if not isinstance(reply, dict) or not reply.get("success"):
+        if not isinstance(reply, dict) or reply.get("success") is not True:
             raise EngineError(self.url, f"{path} failed: {reply!r:.1000}")
         return reply
+
+    async def abegin_weight_update(self) -> bool:
+        """Open SGLang's weight-update session (POST /begin_weight_update).
+
+        Returns:
+            False when the server has no such route (SGLang before 0.5.23: no session needed).
+        """
+        try:
+            await self._update("/begin_weight_update", {}, retries=0)
+        except EngineError as err:
+            if err.status == 404:
+                return False
+            raise
+        return True
+
+    async def aend_weight_update(self) -> dict:
+        """Close the weight-update session (POST /end_weight_update)."""
+        return await self._update("/end_weight_update", {}, retries=0)
+
+    @contextlib.contextmanager
+    def weight_update_session(self) -> Iterator[None]:
+        """Blocking: tensor/distributed updates inside begin/end_weight_update (closed also
+        when an update fails, so the server is never left with a session open)."""
+        opened = self.begin_weight_update()
+        try:
+            yield
+        except BaseException:
+            if opened:
+                with contextlib.suppress(EngineError):
+                    self.end_weight_update()
+            raise
+        if opened:
+            self.end_weight_update()
 
     async def aupdate_weights_from_disk(self, model_path: str, *, flush_cache: bool = True,
                                        weight_version: str | None = None) -> dict:
@@ -143,22 +188,13 @@ class EngineClient(HttpEndpoint):
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, flush_cache: bool = True,
         weight_version: str | None = None,
     ) -> dict:
-        """Load some weights (HF names) sent in the request body.
+        """Load some weights (HF names) sent in the request body (inside a session).
 
-        The format follows the server: the embedded engine advertises `safetensors_b64` in
-        /get_server_info (the tensors travel base64-encoded in the JSON); a real SGLang gets
-        its own format, a base64 ForkingPickler dump per TP rank, which carries CUDA IPC
-        handles and so works only from the same node (as in slime and verl).
+        The format follows the server (`tensor_payload.py`): base64 safetensors for the
+        embedded engine; SGLang's pickle of CUDA IPC handles for a real SGLang on this node.
         """
-        info = await self.aserver_info()
-        named = list(named_tensors)
-        payload: dict[str, Any] = {"flush_cache": flush_cache}
-        if SAFETENSORS_B64 in info.get("update_weights_from_tensor_formats", []):
-            payload["load_format"] = SAFETENSORS_B64
-            payload["serialized_named_tensors"] = [_safetensors_b64(named)]
-        else:
-            payload["serialized_named_tensors"] = [_sglang_pickle_b64(named)] * int(
-                info.get("tp_size", 1))
+        payload = tensor_payload(list(named_tensors), await self.aserver_info())
+        payload["flush_cache"] = flush_cache
         if weight_version is not None:
             payload["weight_version"] = weight_version
         return await self._update("/update_weights_from_tensor", payload)
@@ -173,12 +209,19 @@ class EngineClient(HttpEndpoint):
                    "group_name": group_name, "backend": backend}
         return await self._update("/init_weights_update_group", payload, retries=0)
 
+    async def adestroy_weights_update_group(self,
+                                            group_name: str = "weight_update_group") -> dict:
+        """Ask the server to leave the weight-update group."""
+        return await self._update("/destroy_weights_update_group", {"group_name": group_name},
+                                  retries=0)
+
     async def aupdate_weights_from_distributed(
         self, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]], *,
         group_name: str = "weight_update_group", flush_cache: bool = True,
         weight_version: str | None = None,
     ) -> dict:
-        """Announce tensors that the trainer then broadcasts from rank 0 of the group."""
+        """Announce tensors that the trainer then broadcasts from rank 0 of the group (inside
+        a session)."""
         payload = {"names": list(names), "dtypes": list(dtypes),
                    "shapes": [list(map(int, s)) for s in shapes], "group_name": group_name,
                    "flush_cache": flush_cache}
@@ -223,33 +266,23 @@ class EngineClient(HttpEndpoint):
         """Blocking `aupdate_weights_from_tensor`."""
         return run_sync(self.aupdate_weights_from_tensor(named_tensors, **kw))
 
+    def begin_weight_update(self) -> bool:
+        """Blocking `abegin_weight_update`."""
+        return run_sync(self.abegin_weight_update())
+
+    def end_weight_update(self) -> dict:
+        """Blocking `aend_weight_update`."""
+        return run_sync(self.aend_weight_update())
+
     def init_weights_update_group(self, *args: Any, **kw: Any) -> dict:
         """Blocking `ainit_weights_update_group`."""
         return run_sync(self.ainit_weights_update_group(*args, **kw))
+
+    def destroy_weights_update_group(self, *args: Any, **kw: Any) -> dict:
+        """Blocking `adestroy_weights_update_group`."""
+        return run_sync(self.adestroy_weights_update_group(*args, **kw))
 
     def update_weights_from_distributed(self, *args: Any, **kw: Any) -> dict:
         """Blocking `aupdate_weights_from_distributed`."""
         return run_sync(self.aupdate_weights_from_distributed(*args, **kw))
 
-
-def _safetensors_b64(named: list[tuple[str, torch.Tensor]]) -> str:
-    from safetensors.torch import save
-
-    tensors = {name: t.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-               for name, t in named}  # contiguous, no shared storage
-    return base64.b64encode(save(tensors)).decode("ascii")
-
-
-def _sglang_pickle_b64(named: list[tuple[str, torch.Tensor]]) -> str:
-    """SGLang's `MultiprocessingSerializer.serialize(named, output_str=True)` format."""
-    try:
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
-    except ImportError:  # no sglang in this process: the same bytes by hand
-        from multiprocessing.reduction import ForkingPickler
-
-        buf = io.BytesIO()
-        ForkingPickler(buf).dump(named)
-        return base64.b64encode(buf.getvalue()).decode("ascii")
-    monkey_patch_torch_reductions()  # CUDA tensors are then pickled by device UUID
-    return MultiprocessingSerializer.serialize(named, output_str=True)

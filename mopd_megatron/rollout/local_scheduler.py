@@ -1,10 +1,19 @@
-"""Rollout stage, embedded CPU engine admission: SGLang request bodies -> batched model work.
+"""Rollout stage, embedded CPU engine scheduling: one worker thread, SGLang's pause and abort.
 
-Consumes a `/generate` JSON body and produces `SeqRequest`s for `local_engine.LocalModel`
-(`parse_generate`: decoded with SGLang's own contract, then refused with `BadRequest` for
-what the CPU engine does not do), and runs them (`Scheduler`): one worker thread takes the
-queue in order, merging consecutive /generate jobs into one model batch of at most
-`max_batch` sequences, and running any other job (a weight update) alone between batches.
+Consumes `/generate` samples and control jobs (weight updates, cache flushes) from the HTTP
+threads; produces their results, in arrival order. One worker thread takes the queue in
+order: consecutive /generate jobs are merged into one model batch of at most `max_batch`
+samples (`local_batch.BatchRunner.run`); any other job runs alone, between batches.
+
+SGLang 0.5.23's control of in-flight generation:
+- `abort(rid, abort_all)` (/abort_request): queued samples whose rid starts with `rid` (or
+  all) finish at once with finish_reason abort; running ones at their next decode step.
+- `pause(mode)` (/pause_generation): new and queued /generate jobs wait for `resume()`
+  (/continue_generation). Mode `abort` (SGLang's default) first aborts everything and waits
+  until no batch runs; `in_place` stops the running batch before its next step, keeping its
+  KV, and runs control jobs meanwhile (a weight update while generation is in flight);
+  `retract` (recompute the running requests after resuming) is not implemented.
+- `idle()`: no batch runs (SGLang refuses to flush its cache or release memory otherwise).
 """
 
 from __future__ import annotations
@@ -13,123 +22,157 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
-from mopd_megatron.rollout.local_engine import LocalModel, SeqRequest
-from mopd_megatron.rollout.sglang_contract import load_api_types
-
-SUPPORTED_SAMPLING = {"max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids",
-                      "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-                      "no_stop_trim", "stream_interval", "sampling_seed"}
-SUPPORTED_REQUEST = {"input_ids", "sampling_params", "return_logprob", "logprob_start_len",
-                     "top_logprobs_num", "rid", "return_text_in_logprobs"}
+from mopd_megatron.rollout.local_batch import BatchRunner
+from mopd_megatron.rollout.local_requests import BadRequest, SeqRequest
 
 
-class BadRequest(ValueError):
-    """A request this engine cannot serve (answered with HTTP 400)."""
-
-
-def _per_item(value: Any, n: int, default: Any, name: str) -> list:
-    """SGLang's `X or list of X` request fields, expanded to one value per sequence."""
-    if value is None:
-        return [default] * n
-    if isinstance(value, list):
-        if len(value) != n:
-            raise BadRequest(f"{name} has {len(value)} entries for {n} sequences")
-        return [default if v is None else v for v in value]
-    return [value] * n
-
-
-def parse_generate(body: Any, vocab_size: int,
-                   context_len: int) -> tuple[list[SeqRequest], bool]:
-    """Check a /generate body with SGLang's contract; one `SeqRequest` per sequence.
-
-    Args:
-        body: The parsed JSON body.
-        vocab_size: Token ids must be below it.
-        context_len: Prompt + new tokens may not exceed it (SGLang's check, no truncation).
-
-    Returns:
-        The sequences, and whether the request was a batch (the reply is then a list).
-    """
-    api = load_api_types()
-    try:
-        req = api.GenerateRequest.from_json_value(body)
-    except api.JsonContractError as err:
-        raise BadRequest(str(err)) from None
-    default_req, default_sp = api.GenerateRequest(), api.SamplingParams()
-    for field in set(req.__struct_fields__) - SUPPORTED_REQUEST:
-        if getattr(req, field) != getattr(default_req, field):
-            raise BadRequest(f"'{field}' is not supported by the embedded CPU engine")
-    if not req.input_ids:
-        raise BadRequest("the embedded CPU engine needs non-empty 'input_ids' (no 'text')")
-    batch = isinstance(req.input_ids[0], list)
-    seqs = req.input_ids if batch else [req.input_ids]
-    n = len(seqs)
-    sampling = _per_item(req.sampling_params, n, default_sp, "sampling_params")
-    flags = [_per_item(getattr(req, name), n, default, name) for name, default in
-             (("return_logprob", False), ("logprob_start_len", -1), ("top_logprobs_num", 0))]
-    out = []
-    for ids, sp, ret_lp, start, top in zip(seqs, sampling, *flags):
-        for field in set(sp.__struct_fields__) - SUPPORTED_SAMPLING:
-            if getattr(sp, field) != getattr(default_sp, field):
-                raise BadRequest(f"sampling_params.{field} is not supported by the CPU engine")
-        if not ids or min(ids) < 0 or max(ids) >= vocab_size:
-            raise BadRequest(f"input_ids must be non-empty token ids in [0, {vocab_size})")
-        if start > len(ids):
-            raise BadRequest(f"logprob_start_len={start} is higher than the number of input "
-                             f"tokens {len(ids)}")
-        if not 0 <= top <= vocab_size:
-            raise BadRequest(f"top_logprobs_num={top} not in [0, {vocab_size}]")
-        value = {f: getattr(default_sp if getattr(sp, f) is None else sp, f)
-                 for f in ("max_new_tokens", "temperature", "top_p", "top_k")}
-        if len(ids) >= context_len or len(ids) + value["max_new_tokens"] > context_len:
-            raise BadRequest(f"{len(ids)} input + {value['max_new_tokens']} new tokens exceed the "
-                             f"model's context length of {context_len} tokens")
-        out.append(SeqRequest(
-            list(ids), stop_token_ids=tuple(sp.stop_token_ids or ()), **value,
-            ignore_eos=bool(sp.ignore_eos), sampling_seed=sp.sampling_seed,
-            return_logprob=bool(ret_lp),
-            logprob_start_len=int(start), top_logprobs_num=int(top)))
-    return out, batch
+@dataclass(eq=False)
+class _Job:
+    seqs: list[SeqRequest] | None = None
+    """Samples to generate, or None for a control job."""
+    call: Callable[[], Any] | None = None
+    future: Future = field(default_factory=Future)
 
 
 class Scheduler:
-    """One worker thread: merges queued /generate jobs into a batch; control jobs run alone."""
+    """The engine's worker thread and its queue.
 
-    def __init__(self, engine: LocalModel, max_batch: int):
-        self.engine, self.max_batch = engine, max_batch
-        self._jobs: deque = deque()
+    Args:
+        runner: Runs a batch of samples.
+        max_batch: Most samples in one model batch (SGLang's --max-running-requests).
+    """
+
+    def __init__(self, runner: BatchRunner, max_batch: int):
+        self.runner, self.max_batch = runner, max_batch
+        self.paused = False
+        self._jobs: deque[_Job] = deque()
+        self._running: list[SeqRequest] = []
+        self._aborts = self._aborts_seen = 0
         self._cond = threading.Condition()
         threading.Thread(target=self._loop, daemon=True, name="scheduler").start()
 
-    def submit(self, work: list[SeqRequest] | Callable[[], Any]) -> Any:
-        """Queue sequences to generate (or a function to call) and wait for the result."""
-        future: Future = Future()
+    def generate(self, seqs: list[SeqRequest]) -> list[dict]:
+        """Queue samples and wait for their results."""
+        return self._submit(_Job(seqs=seqs))
+
+    def control(self, call: Callable[[], Any]) -> Any:
+        """Run `call` on the worker thread between batches (or while paused in place)."""
+        return self._submit(_Job(call=call))
+
+    def idle(self) -> bool:
+        """No batch is running (paused in place counts as running)."""
+        return not self._running
+
+    def counts(self) -> dict[str, int]:
+        """Running and queued samples."""
         with self._cond:
-            self._jobs.append((work, future))
-            self._cond.notify()
-        return future.result()
+            waiting = sum(len(job.seqs) for job in self._jobs if job.seqs is not None)
+            return {"num_running_reqs": len(self._running), "num_waiting_reqs": waiting}
+
+    def abort(self, rid: str = "", abort_all: bool = False) -> None:
+        """SGLang's abort_request: match by rid prefix, or everything."""
+        if not abort_all and not rid:
+            return  # SGLang ignores an empty rid (it would match every request)
+        with self._cond:
+            for r in self._running:
+                if abort_all or r.rid.startswith(rid):
+                    r.aborted = r.aborted or "Aborted"
+            for job in [job for job in self._jobs if job.seqs is not None]:
+                for r in job.seqs:
+                    if abort_all or r.rid.startswith(rid):
+                        r.aborted = r.aborted or "Abort in waiting queue"
+                if all(r.aborted for r in job.seqs):
+                    self._jobs.remove(job)
+                    job.future.set_result([self.runner.result(r) for r in job.seqs])
+            self._aborts += 1
+            self._cond.notify_all()
+
+    def pause(self, mode: str = "abort") -> None:
+        """SGLang's pause_generation (modes 'abort' and 'in_place')."""
+        if mode not in ("abort", "in_place"):
+            raise BadRequest(f"pause_generation mode {mode!r} is not supported by the embedded "
+                             "CPU engine (use 'abort' or 'in_place')")
+        with self._cond:
+            self.paused = True
+        if mode == "abort":
+            self.abort(abort_all=True)
+            with self._cond:
+                self._cond.wait_for(self.idle)
+
+    def resume(self) -> None:
+        """SGLang's continue_generation."""
+        with self._cond:
+            self.paused = False
+            self._cond.notify_all()
+
+    # -- worker ---------------------------------------------------------------------------
+
+    def _submit(self, job: _Job) -> Any:
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify_all()
+        return job.future.result()
+
+    def _pop_control(self) -> _Job | None:
+        job = next((job for job in self._jobs if job.seqs is None), None)
+        if job is not None:
+            self._jobs.remove(job)
+        return job
+
+    def _take(self) -> list[_Job] | None:
+        """The next work (under the lock): a control job, or merged /generate jobs."""
+        if self.paused or not self._jobs:
+            job = self._pop_control()
+            return None if job is None else [job]
+        jobs = [self._jobs.popleft()]
+        size = len(jobs[0].seqs) if jobs[0].seqs is not None else 0
+        while (size and self._jobs and self._jobs[0].seqs is not None
+               and size + len(self._jobs[0].seqs) <= self.max_batch):
+            size += len(self._jobs[0].seqs)
+            jobs.append(self._jobs.popleft())
+        return jobs
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs:
+                while (jobs := self._take()) is None:
                     self._cond.wait()
-                jobs = [self._jobs.popleft()]
-                size = len(jobs[0][0]) if isinstance(jobs[0][0], list) else 0
-                while (size and self._jobs and isinstance(self._jobs[0][0], list)
-                       and size + len(self._jobs[0][0]) <= self.max_batch):
-                    size += len(self._jobs[0][0])
-                    jobs.append(self._jobs.popleft())
+                if jobs[0].seqs is not None:
+                    self._running = [r for job in jobs for r in job.seqs]
+            if jobs[0].seqs is None:
+                _run_control(jobs[0])
+                continue
             try:
-                if not size:
-                    jobs[0][1].set_result(jobs[0][0]())
-                    continue
-                results = self.engine.run([seq for work, _ in jobs for seq in work])
-                for work, future in jobs:
-                    future.set_result(results[:len(work)])
-                    results = results[len(work):]
+                results = self.runner.run(self._running, self._between_steps)
+                for job in jobs:
+                    job.future.set_result(results[:len(job.seqs)])
+                    results = results[len(job.seqs):]
             except Exception as err:  # noqa: BLE001 - every waiting request gets the error
-                for _, future in jobs:
-                    future.set_exception(err)
+                for job in jobs:
+                    job.future.set_exception(err)
+            with self._cond:
+                self._running = []
+                self._cond.notify_all()
+
+    def _between_steps(self) -> bool:
+        """The engine's hook before each decode step: hold while paused, running control jobs;
+        return early (False) when an abort arrives so the engine can finish aborted rows."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: not self.paused or self._aborts != self._aborts_seen
+                                    or any(job.seqs is None for job in self._jobs))
+                if not self.paused or self._aborts != self._aborts_seen:
+                    self._aborts_seen = self._aborts
+                    return not self.paused
+                job = self._pop_control()
+            _run_control(job)
+
+
+def _run_control(job: _Job) -> None:
+    try:
+        job.future.set_result(job.call())
+    except Exception as err:  # noqa: BLE001 - handed to the waiting request
+        job.future.set_exception(err)

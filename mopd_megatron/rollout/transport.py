@@ -7,9 +7,10 @@ one SGLang client (`client.EngineClient`): every engine call in the package goes
 
 A request has a total deadline of `timeout_s`; at most `max_concurrency` requests are in
 flight per event loop. Transient failures (refused/reset connection, timeout, HTTP 5xx/429,
-malformed JSON, a reply that fails `parse` with `ResponseError`) are retried `max_retries`
-times with exponential backoff; the last one, or an HTTP 4xx at once, raises `EngineError`
-naming the URL and the problem. Standard library only (no aiohttp/requests).
+malformed JSON, a reply that `parse` cannot read: any shape, nulls or types it does not
+expect) are retried `max_retries` times with exponential backoff; the last one, or an HTTP
+4xx at once, raises `EngineError` naming the URL, the path and the problem (and the HTTP
+status, when there was one). Standard library only (no aiohttp/requests).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from mopd_megatron.rollout.types import ResponseError
 
 
 class EngineError(RuntimeError):
-    """A serving engine failed: names the endpoint URL and what went wrong."""
+    """A serving engine failed: names the endpoint URL and what went wrong.
 
-    def __init__(self, url: str, problem: str, attempts: int = 1):
-        self.url, self.problem, self.attempts = url, problem, attempts
+    `status` is the HTTP status of a refusal (e.g. 404: an older server without the route).
+    """
+
+    def __init__(self, url: str, problem: str, attempts: int = 1, status: int | None = None):
+        self.url, self.problem, self.attempts, self.status = url, problem, attempts, status
         tries = f" (after {attempts} attempts)" if attempts > 1 else ""
         super().__init__(f"{url}: {problem}{tries}")
 
@@ -134,21 +138,31 @@ class HttpEndpoint:
                     problem = f"HTTP {status} from {path}: {text[:1000]}"
                     if status >= 500 or status == 429:
                         raise _Transient(problem)
-                    raise EngineError(self.url, problem, attempt)
+                    raise EngineError(self.url, problem, attempt, status)
                 if not json_reply:
                     return text
                 try:
                     value = json.loads(text)
                 except ValueError:
                     raise _Transient(f"malformed JSON from {path}: {text[:200]!r}") from None
-                return parse(value) if parse else value
-            except (TimeoutError, OSError, asyncio.IncompleteReadError, ResponseError, _Transient) as err:
+                return _parse(parse, value, path) if parse else value
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, _Transient) as err:
                 if isinstance(err, asyncio.TimeoutError):
                     problem = f"no reply from {path} within {self.timeout_s:g} s (timeout)"
-                elif isinstance(err, (_Transient, ResponseError)):
-                    problem = f"{path}: {err}" if isinstance(err, ResponseError) else str(err)
+                elif isinstance(err, _Transient):
+                    problem = str(err)
                 else:
                     problem = f"{path}: server down or unreachable ({type(err).__name__}: {err})"
                 if attempt == attempts:
                     raise EngineError(self.url, problem, attempt) from err
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+
+
+def _parse(parse: Callable[[Any], Any], value: Any, path: str) -> Any:
+    """`parse(value)`; a reply it cannot read, whatever the way, is a bad (retried) reply."""
+    try:
+        return parse(value)
+    except ResponseError as err:
+        raise _Transient(f"{path}: {err}") from None
+    except (TypeError, ValueError, LookupError, AttributeError) as err:
+        raise _Transient(f"{path}: malformed reply ({type(err).__name__}: {err})") from None

@@ -18,8 +18,9 @@ asks for `logprob_start_len = r - 1` and drops the first entry; r >= 1 because t
 token of a sequence has no log-prob.
 
 Every check failure raises `ResponseError` (the client retries it, then names the endpoint):
-a wrong number of items, lengths that disagree, token ids that are not the ones sent, or a
-missing / non-finite log-prob. Nothing is shortened or zero-filled.
+a wrong number of items, lengths that disagree, token ids that are not the ones sent, a
+value of the wrong type (null, a string, a bool for a number), or a missing / non-finite
+log-prob. Nothing is shortened or zero-filled.
 """
 
 from __future__ import annotations
@@ -104,11 +105,17 @@ class Scores:
     """[len - response_start][k] their log-probs (descending), or None when k = 0."""
 
 
+def _is_token(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
 def _logprob(entry: Any, token_id: int | None, where: str) -> float:
     """Check one `[logprob, token_id, text]` triple and return its finite log-prob."""
     if not isinstance(entry, (list, tuple)) or len(entry) < 2:
-        raise ResponseError(f"{where}: expected [logprob, token_id, text], got {entry!r}")
+        raise ResponseError(f"{where}: expected [logprob, token_id, text], got {entry!r:.200}")
     value, tid = entry[0], entry[1]
+    if not _is_token(tid):
+        raise ResponseError(f"{where}: token id {tid!r:.50} is not a token id")
     if token_id is not None and tid != token_id:
         raise ResponseError(f"{where}: log-prob is for token {tid!r}, expected {token_id}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -135,8 +142,8 @@ def _top_rows(rows: Any, n: int, k: int, where: str) -> tuple[list[list[int]], l
     for t, row in enumerate(rows):
         if not isinstance(row, list) or len(row) != k:
             raise ResponseError(f"{where}[{t}]: expected {k} entries, got {row!r:.200}")
-        ids.append([int(e[1]) for e in row])
         lps.append([_logprob(e, None, f"{where}[{t}]") for e in row])
+        ids.append([e[1] for e in row])
     return ids, lps
 
 
@@ -147,7 +154,7 @@ def parse_generations(
     out = []
     for i, (prompt, item) in enumerate(zip(prompts, _items(resp, len(prompts)))):
         meta, ids = item["meta_info"], item.get("output_ids")
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+        if not isinstance(ids, list) or not all(_is_token(t) for t in ids):
             raise ResponseError(f"result {i}: output_ids must be a list of ints, got {ids!r:.200}")
         if len(ids) > sampling.max_new_tokens:
             raise ResponseError(

@@ -101,11 +101,13 @@ class Student:
         return logprob
 
     def push_weights(self, weight_sync, version: str) -> None:
-        """Export the weights bucket by bucket; `weight_sync` (None off rank 0) pushes them,
-        so at most one bucket is held at a time."""
-        for bucket in export_hf_weights(self.chunks, self.spec, BUCKET_BYTES):
-            if weight_sync is not None:
-                weight_sync.push([bucket], weight_version=version)
+        """Export the weights bucket by bucket (collective); `weight_sync` (None off rank 0)
+        pushes them as they come, in one weight-update session, holding one bucket at a time."""
+        buckets = export_hf_weights(self.chunks, self.spec, BUCKET_BYTES)
+        if weight_sync is not None:
+            weight_sync.push(buckets, weight_version=version)
+        for _ in buckets:  # the other ranks take part in the export's collectives
+            pass
 
     def probe_gap(self, engine, tokens: torch.Tensor) -> float | None:
         """Max |log p_engine − log p_trainer| on probe sequences [P, S] without padding.

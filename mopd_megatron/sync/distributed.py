@@ -1,12 +1,14 @@
 """Sync stage, by process group: broadcast the student's weights from the trainer to the engine.
 
-Consumes buckets of (HF checkpoint name, tensor) on the trainer's rank 0; produces, per
-bucket, one POST /update_weights_from_distributed (names, dtypes, shapes) answered by the
-engine once it has received the tensors that this rank broadcasts in the same order. The
-group has the trainer as rank 0 and the engine's ranks after it (`rank_offset = 1`); it
-is created once by `connect()` (POST /init_weights_update_group on the engine while this
-process joins the same rendezvous). With SGLang on GPUs the backend is NCCL and the
-tensors must be on this rank's CUDA device; the embedded CPU engine takes gloo and CPU
+Consumes buckets of (HF checkpoint name, tensor) on the trainer's rank 0; produces, inside
+one SGLang weight-update session (/begin_weight_update ... /end_weight_update, required by
+SGLang 0.5.23), per bucket one POST /update_weights_from_distributed (names, dtypes,
+shapes) answered by the engine once it has received the tensors that this rank broadcasts
+in the same order. The group has the trainer as rank 0 and the engine's ranks after it
+(`rank_offset = 1`); it is created once by `connect()` (POST /init_weights_update_group on
+the engine while this process joins the same rendezvous) and left by `close()` (POST
+/destroy_weights_update_group, then this side). With SGLang on GPUs the backend is NCCL and
+the tensors must be on this rank's CUDA device; the embedded CPU engine takes gloo and CPU
 tensors. If the engine refuses a bucket, the group is left mid-protocol: `close()` it and
 `connect()` again.
 """
@@ -31,7 +33,7 @@ class DistributedSync:
         client: The rollout engine's client.
         master_address: Address of this process that the engine can reach.
         master_port: A free port on it for the group's rendezvous.
-        engine_ranks: Ranks the engine joins with (its tp size; None = ask /get_server_info).
+        engine_ranks: Ranks the engine joins with (its tp size; None = ask /server_info).
         backend: 'nccl' for SGLang on GPUs, 'gloo' for the embedded CPU engine.
         group_name: Name of the group on both sides.
     """
@@ -68,7 +70,7 @@ class DistributedSync:
         """Announce each bucket over HTTP and broadcast its tensors; then flush the cache."""
         if self.group is None:
             self.connect()
-        with ThreadPoolExecutor(1) as pool:
+        with ThreadPoolExecutor(1) as pool, self.client.weight_update_session():
             for bucket in buckets:
                 if not bucket:
                     continue
@@ -86,7 +88,8 @@ class DistributedSync:
         self.client.flush_cache()
 
     def close(self) -> None:
-        """Destroy this side of the group."""
+        """Leave the group on both sides (the engine's first)."""
         if self.group is not None:
+            self.client.destroy_weights_update_group(self.group_name)
             dist.destroy_process_group(self.group)
             self.group = None
