@@ -490,19 +490,20 @@ def validate(recipe: Recipe) -> None:
         check = getattr(getattr(recipe, stage.name), "check", None)
         if check is not None:
             check(src)
-    a, r = recipe.algorithm, recipe.rollout
-    if (r.source == "teacher_samples") != (a.loss == "sft"):
-        raise RecipeError(
-            f"{src}: rollout.source 'teacher_samples' goes with algorithm.loss 'sft' (fine-tuning "
-            f"on fixed samples), got source {r.source!r} with loss {a.loss!r}"
-        )
-    from .mopd.objectives import OBJECTIVES  # imported here: objectives import this module
+    from .mopd.objectives import objective_class  # imported here: it imports this module
 
-    need = OBJECTIVES[a.loss].min_samples_per_prompt
+    objective, r = objective_class(recipe.algorithm), recipe.rollout
+    if (r.source == "teacher_samples") != objective.trains_on_fixed_samples:
+        raise RecipeError(
+            f"{src}: rollout.source 'teacher_samples' goes with an objective that trains on fixed "
+            f"samples (algorithm.loss: sft), got source {r.source!r} with loss {objective.name!r}"
+        )
+    need = objective.min_samples_per_prompt
     if r.n_samples_per_prompt < need:
         raise RecipeError(
-            f"{src}: algorithm.loss '{a.loss}' needs rollout.n_samples_per_prompt >= {need} (its "
-            f"advantage compares the samples of one prompt), got {r.n_samples_per_prompt}"
+            f"{src}: algorithm.loss '{objective.name}' needs rollout.n_samples_per_prompt >= "
+            f"{need} (its advantage compares the samples of one prompt), got "
+            f"{r.n_samples_per_prompt}"
         )
     served = {d for t in recipe.teachers.teachers for d in t.domains}
     unknown = set(recipe.data.domain_weights) - served

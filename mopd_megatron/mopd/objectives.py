@@ -100,6 +100,8 @@ class Objective:
     """Vocabulary-wide kernel passes per micro-batch (the planner counts their buffers)."""
     min_samples_per_prompt: ClassVar[int] = 1
     """Group-normalised outcome advantages compare the samples of one prompt."""
+    trains_on_fixed_samples: ClassVar[bool] = False
+    """Learns from fixed (e.g. verified teacher) samples rather than the student's own."""
 
     def __init__(self, cfg: AlgorithmConfig, ctx: LossContext):
         self.cfg, self.ctx = cfg, ctx
@@ -211,7 +213,7 @@ class ForwardKL(FullVocabKL):
 class SupervisedFineTuning(Objective):
     """Token-mean cross-entropy on fixed trajectories: loss_sum = −Σ m·log π_θ(y), units = Σ m."""
 
-    name = "sft"
+    name, trains_on_fixed_samples = "sft", True
 
     def __call__(self, logits: Tensor, mb: dict) -> tuple[Tensor, Tensor, dict]:
         logprob, _ = self._logprob_entropy(logits, mb, temperature=1.0)
@@ -228,9 +230,13 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def build_objective(cfg: AlgorithmConfig, ctx: LossContext) -> Objective:
+def objective_class(cfg: AlgorithmConfig) -> type[Objective]:
     """The objective `algorithm.loss` names: the one place the loss name is read."""
-    return OBJECTIVES[cfg.loss](cfg, ctx)
+    return OBJECTIVES[cfg.loss]
+
+
+def build_objective(cfg: AlgorithmConfig, ctx: LossContext) -> Objective:
+    return objective_class(cfg)(cfg, ctx)
 
 
 def _metrics(mask, token_kl, entropy, gated, advantages, mb, num_domains) -> dict[str, Tensor]:
