@@ -132,6 +132,9 @@ def run_reporting_errors(prog: str, func, *args) -> int:
     except user_errors() as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`... --dry-run | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
