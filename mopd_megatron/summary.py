@@ -53,7 +53,9 @@ def step_scalars(
         out["sync/logprob_gap"] = float(gap)
     if metrics.get("routes"):  # routing replay: routes the loss depends on, over all ranks
         out["routing/replayed"] = _ratio(metrics["routes_replayed"], metrics["routes"])
-        out["routing/agreement"] = _ratio(metrics["routes_agreed"], metrics["routes_replayed"])
+        if metrics["routes_replayed"]:  # agreement is undefined when the engine sent no route
+            out["routing/agreement"] = _ratio(metrics["routes_agreed"],
+                                              metrics["routes_replayed"])
         out["routing/fallback"] = float(metrics["routes"] - metrics["routes_replayed"])
     return out
 
