@@ -21,7 +21,7 @@ from .data import DomainMixSampler, PromptRecord
 from .mopd.rewards import score_batch
 from .rollout.transport import run_sync
 from .rollout.types import SamplingParams
-from .sources import broadcast_from_leader
+from .sources import broadcast_from_leader, step_sampling
 from .trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -122,10 +122,8 @@ class TeacherSamples:
         r = recipe.rollout
         prompts = r.teacher_sample_prompts or len(records)
         sampler = DomainMixSampler(records, prompts, recipe.data.domain_weights, recipe.train.seed)
-        sampling = SamplingParams(r.temperature, r.top_p, r.top_k, r.max_new_tokens,
-                                  sampling_seed=recipe.train.seed << 40)
         kept, stats = run_sync(sample_verified(pool, tokenizer, sampler.next_batch(),
-                                               r.n_samples_per_prompt, sampling))
+                                               r.n_samples_per_prompt, step_sampling(recipe, 0)))
         path = Path(recipe.logging.dir) / "teacher_samples.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"prompts": prompts, "samples": stats}, indent=2))
