@@ -112,3 +112,17 @@ def test_impossible_layouts(recipe_file, layout, world, message):
             source=recipe.source,
         )
     assert message in str(err.value)
+
+
+def test_typed_edits_and_saved_recipes_round_trip(recipe_file, tmp_path):
+    """Experiments and the demo build runs with `edit_recipe` and save them: the saved file
+    loads back to the same recipe, and a misspelt field is an error, not a silent no-op."""
+    from mopd_megatron.config import edit_recipe, save_recipe
+
+    recipe = edit_recipe(load_recipe(recipe_file()), algorithm={"loss": "sft"},
+                         rollout={"source": "teacher_samples", "teacher_sample_prompts": 8})
+    assert load_recipe(save_recipe(recipe, tmp_path / "saved.yaml")) == recipe
+    with pytest.raises(TypeError):
+        edit_recipe(recipe, optimizer={"learning_rate": 1e-4})
+    with pytest.raises(RecipeError, match="teacher_samples"):
+        edit_recipe(recipe, algorithm={"loss": "pg"})  # validated again after the edit
