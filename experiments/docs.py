@@ -4,7 +4,8 @@ Consumes `<out>/seed<s>/{reference,<method>}.json` (written by `baselines.table`
 produces, in the docs folder, `toy_table.md` (the paper's Table 2 layout with mean ± std over
 seeds next to the paper's numbers, per-domain normalized scores, cost, the ordering,
 samples to reach given scores, the learning-rate search when one ran, and the command and
-machine), `toy_curves.png` (normalized dev score vs training samples) and `toy_bars.png`.
+machine), `toy_curves.png` (normalized dev score vs training samples), `toy_figure.png` (the
+paper's figure: MOPD, Mix-RL and off-policy finetuning only) and `toy_bars.png`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ ROW_ORDER = [
     "mopd_orm",
     "mopd_round2",
 ]
+FIGURE = ("mopd", "mix_rl", "rft")
+"""The methods of the paper's sample-efficiency figure."""
 THRESHOLDS = (0.5, 0.8)
 """Normalized dev scores whose first crossing the sample-efficiency table reports."""
 
@@ -245,6 +248,13 @@ def write_docs(
         f"Normalized dev score vs training samples (mean ± std over {len(seeds)} seeds)",
         highlight=LABELS["mopd"].replace("**", ""),
     )
+    plot_curves(
+        {LABELS[m].replace("**", ""): curves[m] for m in FIGURE if curves.get(m)},
+        {},
+        docs / "toy_figure.png",
+        f"MOPD vs Mix-RL vs off-policy finetuning (dev, mean ± std over {len(seeds)} seeds)",
+        highlight=LABELS["mopd"].replace("**", ""),
+    )
     _plot_bars(results, rows, docs / "toy_bars.png")
     worlds = [json.loads((out / f"world{s}" / "world.json").read_text()) for s in seeds]
     method_minutes = sum(r["seconds"] for rs in results.values() for r in rs) / 60
@@ -306,6 +316,8 @@ def write_docs(
         "",
         "![normalized dev score vs training samples](toy_curves.png)",
         "",
+        "![the paper's figure: MOPD, Mix-RL, off-policy finetuning](toy_figure.png)",
+        "",
         "![normalized test score, toy vs paper](toy_bars.png)",
         "",
     ]
@@ -326,13 +338,23 @@ def write_docs(
     lines += [
         "## Worlds",
         "",
-        ("| seed | base (test, greedy) | teachers on own domain | build min |"),
-        "|---|---|---|---:|",
+        (
+            "| seed | base (test, greedy) | teachers on own domain | teachers off their domain "
+            "| teacher recipe | build min |"
+        ),
+        "|---|---|---|---|---|---:|",
     ]
     for s, w in zip(seeds, worlds):
         base = " ".join(f"{d} {a:.2f}" for d, a in w["models"]["base"]["test"].items())
         own = " ".join(f"{d} {w['models'][d]['test'][d]:.2f}" for d in w["domains"])
-        lines.append(f"| {s} | {base} | {own} | {w['build_seconds'] / 60:.1f} |")
+        off = "; ".join(
+            f"{t}: " + " ".join(f"{d} {a:.2f}" for d, a in w["models"][t]["test"].items() if d != t)
+            for t in w["domains"]
+        )
+        recipe = w.get("settings", {}).get("teacher_recipe", "sft")
+        lines.append(
+            f"| {s} | {base} | {own} | {off} | {recipe} | {w['build_seconds'] / 60:.1f} |"
+        )
     path = docs / "toy_table.md"
     path.write_text("\n".join(lines) + "\n")
     return path

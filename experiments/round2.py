@@ -1,9 +1,9 @@
 """Second MOPD round on the toy world: teachers re-derived from the round-1 MOPD student.
 
 Consumes the round-1 student (HF folder) and a built toy world; produces one new teacher per
-domain, each a copy of the round-1 student fine-tuned on its own domain with the world's own
-teacher recipe (`demo.curriculum.train_teacher`: SFT on fresh examples, dev checks, best
-check kept) up to a higher dev target. Round 2 then runs MOPD from the round-1 student
+domain, each a copy of the round-1 student made with the world's own teacher recipe
+(`toy_world.make_teacher`: SFT or GRPO on fresh examples, dev checks, best check kept) up to
+a higher dev target. Round 2 then runs MOPD from the round-1 student
 against these teachers, the MOPD paper's "iteration 2" (its teachers come from domain RL on
 the round-1 student; here they come the way the toy world's round-1 teachers came).
 """
@@ -19,12 +19,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mopd_megatron.data import load_prompts, tokenize_records
-from mopd_megatron.demo.curriculum import train_teacher
 from mopd_megatron.demo.evaluate import evaluate
 from mopd_megatron.demo.models import save_hf
 from mopd_megatron.demo.settings import WorldSettings
 from mopd_megatron.demo.tasks import ExampleStream
-from mopd_megatron.demo.toy_world import World
+from mopd_megatron.demo.toy_world import World, make_teacher
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +62,10 @@ def derive_teachers(
 
     teachers = {}
     for domain in world.domains:
-        teacher, steps = train_teacher(base, tokenizer, stream, score, dev, domain, settings)
+        teacher, steps = make_teacher(base, tokenizer, stream, score, dev, domain, settings)
         path = Path(out_dir) / domain
         save_hf(teacher, tokenizer, path)
         accuracy = score(teacher, [r for r in dev if r.domain == domain])[domain]
         teachers[domain] = {"path": str(path), "steps": steps, "dev": accuracy}
-        logger.info("round-2 teacher %s: dev %.3f after %d SFT steps", domain, accuracy, steps)
+        logger.info("round-2 teacher %s: dev %.3f after %d training steps", domain, accuracy, steps)
     return teachers

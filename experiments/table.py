@@ -9,7 +9,9 @@ each method family's learning rate on dev (seed 0's world, one run per rate).
 `experiments.docs` then turns the results into the Markdown table and the plots.
 
 Command line (from the repository root):
-`python -m experiments.table --profile full|ci [--seeds 0 1 2] [--lr-search] ...`.
+`python -m experiments.table --profile full|ci [--world exact|open] [--seeds 0 1 2]
+[--lr-search] ...`; `--world open` runs the table on the open-answer world
+(`demo.settings.WORLDS`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from experiments.methods import (
 )
 from mopd_megatron.cli import run_reporting_errors
 from mopd_megatron.data import load_prompts
-from mopd_megatron.demo.settings import WorldSettings
+from mopd_megatron.demo.settings import WORLDS, WorldSettings
 from mopd_megatron.demo.toy_world import World, build_world
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,10 @@ PROFILES = {
             "teacher_max_steps": 10,
             "check_every": 10,
             "teacher_check_every": 5,
+            "rl_max_steps": 2,
+            "rl_check_every": 1,
+            "rl_prompts": 4,
+            "rl_group": 2,
         },
         budget=Budget(
             steps=2,
@@ -90,6 +96,13 @@ PROFILES = {
 
 LR_SEARCH = {"pg": "mopd", "grpo": "mix_rl", "sft": "rft"}
 """The method whose dev score picks each family's learning rate."""
+
+
+def world_settings(profile: Profile, name: str) -> dict:
+    """The named world's `WorldSettings` fields under the profile's sizes; the world's own
+    domains win over the profile's."""
+    named = WORLDS[name]
+    return {**named, **profile.world, **{k: named[k] for k in ("domains",) if k in named}}
 
 
 def reference_scores(world: World, test, budget: Budget) -> dict:
@@ -240,6 +253,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prog=prog, description="Toy reproduction of the MOPD paper's table."
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument(
+        "--world", choices=sorted(WORLDS), default="exact", help="the toy world's domains and "
+        "teacher recipe (exact: add/rev/sort, SFT teachers; open: carry/spread/mix, teachers by "
+        "a light SFT then GRPO)"
+    )
     parser.add_argument("--out", default="runs/toy_table", help="runs and results")
     parser.add_argument(
         "--docs",
@@ -274,6 +292,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     profile = PROFILES[args.profile]
+    profile = dataclasses.replace(profile, world=world_settings(profile, args.world))
     budget = dataclasses.replace(
         profile.budget,
         steps=args.steps or profile.budget.steps,

@@ -4,6 +4,13 @@ The defaults follow `shared/reference/toy-world.md` (SFT at lr 1e-3, batch 128, 
 steps; base band [0.15, 0.5] on dev; teachers stop at dev >= 0.85), except the base's mix
 controller: checks every 5 steps with a hold zone [0.2, 0.45] instead of every 10 steps with
 one threshold at 0.3, which oscillated for some seeds (see `demo.curriculum`).
+
+`WORLDS` names the two worlds: `exact` (add / rev / sort, one short answer each, teachers by
+full-rate SFT) and `open` (carry / spread / mix, many correct answers of up to 19 characters,
+teachers by a light SFT at a low rate and then GRPO, as the paper makes them; how far they
+still move off their domain is measured in docs/toy_table_notes.md). GRPO alone at 3e-4
+collapsed the carry teacher (dev 0.23 -> 0.01 in 20 steps: the base's sampled answers are
+almost never right, so nearly every advantage is negative).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from dataclasses import dataclass, field
 
 from mopd_megatron.demo.tasks import DOMAINS
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Bump when the world's layout or build procedure changes (invalidates caches)."""
 
 
@@ -48,9 +55,47 @@ class WorldSettings:
     teacher_check_every: int = 25
     teacher_target: float = 0.85
     teacher_max_steps: int = 1000
+    teacher_recipe: str = "sft"
+    """How a teacher is made from the base: `sft` (this domain's data at `lr`, the demo's
+    recipe), `grpo` (RL with the domain's verifier at `rl_lr`, `demo.rl_teacher`) or
+    `sft_grpo` (a light SFT at `light_lr` up to dev `light_target`, then GRPO)."""
+    light_lr: float = 3e-4
+    """The light SFT's learning rate (`sft_grpo` teachers)."""
+    light_target: float = 0.7
+    """Dev accuracy at which the light SFT hands over to GRPO."""
+    light_max_steps: int = 200
+    rl_lr: float = 1e-4
+    """GRPO teachers' learning rate (the base's SFT runs at `lr`)."""
+    rl_prompts: int = 32
+    """GRPO prompts per step (each sampled `rl_group` times)."""
+    rl_group: int = 8
+    rl_max_steps: int = 150
+    """GRPO steps at most per teacher (it stops earlier at `teacher_target`)."""
+    rl_check_every: int = 10
+    """GRPO steps between dev checks."""
     eval_batch_size: int = 512
+
+    def __post_init__(self):
+        if self.teacher_recipe not in ("sft", "grpo", "sft_grpo"):
+            raise ValueError(f"teacher_recipe must be sft, grpo or sft_grpo, "
+                             f"not {self.teacher_recipe!r}")
 
     def key(self) -> str:
         """A short hash of the settings and the world format."""
         blob = json.dumps([FORMAT_VERSION, dataclasses.asdict(self)], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def base_key(self) -> str:
+        """A short hash of the settings the base depends on (not the teachers' schedules)."""
+        kept = {k: v for k, v in dataclasses.asdict(self).items()
+                if not k.startswith(("teacher_", "rl_", "light_"))}
+        blob = json.dumps([FORMAT_VERSION, kept], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+WORLDS: dict[str, dict] = {
+    "exact": {},
+    "open": {"domains": ["carry", "spread", "mix"], "teacher_recipe": "sft_grpo",
+             "rl_prompts": 16, "rl_max_steps": 40, "n_dev": 100, "n_test": 300},
+}
+"""Named worlds: `WorldSettings` fields that differ from the defaults."""

@@ -1,39 +1,101 @@
 """Toy world, tasks: the demo's verifiable domains and their train / dev / test prompt sets.
 
+Domains live in a registry (`register_toy_domain`), so other modules add their own. Built in:
+
 - `add`: `37+48=` -> `85` (a, b uniform in 0-99);
 - `rev`: `rev qwxkz=` -> `zkxwq` (3-8 random lower-case letters);
-- `sort`: `sort qwxkz=` -> `kqwxz`.
+- `sort`: `sort qwxkz=` -> `kqwxz`;
+- the open-answer domains `carry`, `spread`, `mix` (`demo.open_tasks`): many correct answers
+  of up to 19 characters, checked by verifiers that read the task from the prompt.
 
-Every prompt ends with '=' and every answer fits in `MAX_NEW_TOKENS` tokens with <eos>.
+Every prompt ends with '=' and every answer fits in its domain's `max_new_tokens` with <eos>.
 The dev and test sets are drawn first and never trained on: the train set and the SFT
 example stream (`ExampleStream`) skip every held-out prompt. Records are `data.PromptRecord`s
-with `verifier="exact"`.
+with the domain's verifier.
 """
 
 from __future__ import annotations
 
 import random
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from mopd_megatron.data import PromptRecord
+from mopd_megatron.demo import open_tasks
 
 DOMAINS = ("add", "rev", "sort")
+"""The exact-answer domains of the demo's default world."""
 MAX_NEW_TOKENS = 9
-"""The longest answer (8 letters) plus <eos>."""
+"""The longest exact answer (8 letters) plus <eos>."""
+
+
+@dataclass(frozen=True)
+class ToyDomain:
+    """A toy domain: how to draw an example and how its answers are checked."""
+
+    name: str
+    make: Callable[[random.Random], tuple[str, str]]
+    """rng -> (prompt ending in '=', one correct answer)."""
+    verifier: str
+    """Name of its verifier in `mopd.rewards` (registered there)."""
+    max_new_tokens: int
+    """The longest answer plus <eos>."""
+
+
+TOY_DOMAINS: dict[str, ToyDomain] = {}
+
+
+def register_toy_domain(domain: ToyDomain) -> None:
+    """Make `domain` available to `make_example`, the world settings and the splits."""
+    TOY_DOMAINS[domain.name] = domain
+
+
+def _word(rng: random.Random) -> str:
+    return "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))
+
+
+def _add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randrange(100), rng.randrange(100)
+    return f"{a}+{b}=", str(a + b)
+
+
+def _rev(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    return f"rev {word}=", word[::-1]
+
+
+def _sort(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    return f"sort {word}=", "".join(sorted(word))
+
+
+for _domain in (
+    ToyDomain("add", _add, "exact", MAX_NEW_TOKENS),
+    ToyDomain("rev", _rev, "exact", MAX_NEW_TOKENS),
+    ToyDomain("sort", _sort, "exact", MAX_NEW_TOKENS),
+    ToyDomain("carry", open_tasks.carry, "worked_sum", 20),
+    ToyDomain("spread", open_tasks.spread, "spread", 8),
+    ToyDomain("mix", open_tasks.mix, "interleaving", 11),
+):
+    register_toy_domain(_domain)
+
+
+def toy_domain(name: str) -> ToyDomain:
+    """The registered domain called `name`."""
+    if name not in TOY_DOMAINS:
+        raise ValueError(f"unknown toy domain {name!r}; known: {sorted(TOY_DOMAINS)}")
+    return TOY_DOMAINS[name]
 
 
 def make_example(domain: str, rng: random.Random) -> tuple[str, str]:
     """One (prompt, answer) pair of `domain`, drawn with `rng`."""
-    if domain == "add":
-        a, b = rng.randrange(100), rng.randrange(100)
-        return f"{a}+{b}=", str(a + b)
-    word = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))
-    if domain == "rev":
-        return f"rev {word}=", word[::-1]
-    if domain == "sort":
-        return f"sort {word}=", "".join(sorted(word))
-    raise ValueError(f"unknown toy domain {domain!r}; known: {DOMAINS}")
+    return toy_domain(domain).make(rng)
+
+
+def max_new_tokens(domains: Iterable[str]) -> int:
+    """Enough new tokens for every answer of `domains` plus <eos>."""
+    return max(toy_domain(d).max_new_tokens for d in domains)
 
 
 def make_splits(
@@ -44,7 +106,8 @@ def make_splits(
     Args:
         domains: toy domains to include.
         seed: the data seed.
-        n_train: train prompts per domain (fewer for `add` if its 10,000 prompts run out).
+        n_train: train prompts per domain (fewer for `add` and `carry` if their 10,000
+            prompts run out).
         n_dev: dev prompts per domain.
         n_test: test prompts per domain.
 
@@ -70,7 +133,7 @@ def make_splits(
                         domain=domain,
                         prompt=prompt,
                         answer=answer,
-                        verifier="exact",
+                        verifier=toy_domain(domain).verifier,
                         id=f"{split}/{domain}/{taken - 1}",
                     )
                 )
@@ -85,7 +148,7 @@ class ExampleStream:
         seed: the stream's seed.
     """
 
-    def __init__(self, held_out: Iterable[PromptRecord], seed: int):
+    def __init__(self, held_out: Iterable[PromptRecord], seed: int | str):
         self.held_out = {r.prompt for r in held_out}
         self.rng = random.Random(f"{seed}:stream")
 

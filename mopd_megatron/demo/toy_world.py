@@ -5,16 +5,21 @@ Produces, under one output folder:
     tokenizer/                  the 42-token character tokenizer
     data/{train,dev,test}.jsonl prompt files (data-module format; dev/test never trained on)
     base/                       the mediocre base student (HF folder, safetensors)
+    base.json                   the base's settings key, steps and seconds (a rebuild whose
+                                base settings are unchanged reuses it: teachers are cheaper)
     teachers/<domain>/          one teacher per domain (HF folders)
     world.json                  paths, settings, build times, and the greedy dev/test
                                 accuracy of every model on every domain
 
-The base and the teachers are trained by `demo.curriculum` (closed-loop mixed SFT into
-the [0.15, 0.5] dev band; per-domain SFT to dev >= 0.85). Deterministic given the settings
+The base is trained by `demo.curriculum` (closed-loop mixed SFT into the [0.15, 0.5] dev
+band); each teacher, from its own example stream, by per-domain SFT (`demo.curriculum`), GRPO
+with the domain's verifier (`demo.rl_teacher`), or a light SFT then GRPO, to dev >= 0.85, as
+`WorldSettings.teacher_recipe` says (`make_teacher`). Deterministic given the settings
 (seed included) and the thread count. A second build with the same settings reuses the
 saved world: world.json, written last, records the settings' key.
 
-Command line: `python -m mopd_megatron.demo.toy_world --out DIR [--seed N] [--threads N]`.
+Command line: `python -m mopd_megatron.demo.toy_world --out DIR [--world exact|open]
+[--seed N] [--threads N]`.
 """
 
 from __future__ import annotations
@@ -29,13 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from mopd_megatron.data import save_prompts, tokenize_records
 from mopd_megatron.demo.curriculum import fmt, train_base, train_teacher
 from mopd_megatron.demo.evaluate import evaluate
 from mopd_megatron.demo.models import new_student, save_hf
-from mopd_megatron.demo.settings import WorldSettings
-from mopd_megatron.demo.tasks import DOMAINS, MAX_NEW_TOKENS, ExampleStream, make_splits
+from mopd_megatron.demo.rl_teacher import train_teacher_grpo
+from mopd_megatron.demo.settings import WORLDS, WorldSettings
+from mopd_megatron.demo.tasks import MAX_NEW_TOKENS, ExampleStream, make_splits, max_new_tokens
 from mopd_megatron.demo.tokenizer import build_char_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -79,7 +86,9 @@ def build_world(
     if not force and _saved_key(manifest) == settings.key():
         logger.info("toy world: reusing %s (same settings)", root)
         return load_world(root)
-    for stale in ("world.json", "tokenizer", "data", "base", "teachers"):
+    base_cached = not force and _saved_key(root / "base.json") == settings.base_key()
+    for stale in ("world.json", "tokenizer", "data", "teachers", *([] if base_cached else
+                                                                   ["base", "base.json"])):
         path = root / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     started = time.perf_counter()
@@ -92,10 +101,11 @@ def build_world(
     dev = tokenize_records(splits["dev"], tokenizer)
     test = tokenize_records(splits["test"], tokenizer)
     stream = ExampleStream(splits["dev"] + splits["test"], s.seed)
+    limit = max_new_tokens(s.domains)
 
     def score(model, records) -> dict[str, float]:
         return evaluate(
-            model, records, tokenizer, batch_size=s.eval_batch_size, max_new_tokens=MAX_NEW_TOKENS
+            model, records, tokenizer, batch_size=s.eval_batch_size, max_new_tokens=limit
         )
 
     def entry(model, path: str, steps: int, since: float) -> dict:
@@ -109,21 +119,34 @@ def build_world(
             "test": score(model, test),
         }
 
-    since = time.perf_counter()
-    base = new_student(tokenizer, s.seed)
-    models = {
-        "base": entry(base, "base", train_base(base, tokenizer, stream, score, dev, s), since)
-    }
+    if base_cached:
+        base = AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+        made = json.loads((root / "base.json").read_text())
+        logger.info("toy world: reusing the base in %s (same base settings)", root / "base")
+    else:
+        since = time.perf_counter()
+        base = new_student(tokenizer, s.seed)
+        steps = train_base(base, tokenizer, stream, score, dev, s)
+        save_hf(base, tokenizer, root / "base")
+        made = {"key": s.base_key(), "steps": steps,
+                "seconds": round(time.perf_counter() - since, 1)}
+        (root / "base.json").write_text(json.dumps(made, indent=2) + "\n")
+    models = {"base": {"path": "base", "steps": made["steps"], "seconds": made["seconds"],
+                       "dev": score(base, dev), "test": score(base, test)}}
     for domain in s.domains:
         since = time.perf_counter()
-        teacher, steps = train_teacher(base, tokenizer, stream, score, dev, domain, s)
+        # SFT teachers keep the base's stream, so the exact world (the demo's, the published
+        # table's) rebuilds as before; RL-made teachers each draw from their own.
+        own = stream if s.teacher_recipe == "sft" else ExampleStream(
+            splits["dev"] + splits["test"], f"{s.seed}:teacher:{domain}")
+        teacher, steps = make_teacher(base, tokenizer, own, score, dev, domain, s)
         models[domain] = entry(teacher, f"teachers/{domain}", steps, since)
     seconds = time.perf_counter() - started
     world = {
         "key": s.key(),
         "settings": dataclasses.asdict(s),
         "domains": s.domains,
-        "max_new_tokens": MAX_NEW_TOKENS,
+        "max_new_tokens": limit,
         "tokenizer": "tokenizer",
         "data": {name: f"data/{name}.jsonl" for name in splits},
         "base": "base",
@@ -139,6 +162,24 @@ def build_world(
         steps, took = info["steps"], info["seconds"]
         logger.info("  %-5s test %s (%d steps, %.0fs)", name, fmt(info["test"]), steps, took)
     return load_world(root)
+
+
+def make_teacher(base, tokenizer, stream, score, dev, domain: str, s: WorldSettings):
+    """A teacher for `domain` made from `base` by `s.teacher_recipe`: `sft` (full-rate SFT),
+    `grpo`, or `sft_grpo` (a light SFT at `light_lr` to `light_target`, then GRPO).
+
+    Returns:
+        (the teacher, its training steps in all).
+    """
+    if s.teacher_recipe == "sft":
+        return train_teacher(base, tokenizer, stream, score, dev, domain, s)
+    start, light_steps = base, 0
+    if s.teacher_recipe == "sft_grpo":
+        light = dataclasses.replace(s, lr=s.light_lr, teacher_target=s.light_target,
+                                    teacher_max_steps=s.light_max_steps)
+        start, light_steps = train_teacher(base, tokenizer, stream, score, dev, domain, light)
+    teacher, steps = train_teacher_grpo(start, tokenizer, stream, score, dev, domain, s)
+    return teacher, light_steps + steps
 
 
 def load_world(out_dir: str | Path) -> World:
@@ -173,17 +214,19 @@ def main(argv: list[str] | None = None) -> None:
     """Build a world from the command line (see the module docstring)."""
     parser = argparse.ArgumentParser(description="Build the CPU demo's toy world.")
     parser.add_argument("--out", required=True, help="world folder")
+    parser.add_argument("--world", choices=sorted(WORLDS), default="exact", help="named world")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--domains", default=",".join(DOMAINS), help="comma-separated domains")
+    parser.add_argument("--domains", help="comma-separated domains (default: the world's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
-    build_world(
-        args.out, WorldSettings(seed=args.seed, domains=args.domains.split(",")), args.force
-    )
+    world = dict(WORLDS[args.world], seed=args.seed)
+    if args.domains:
+        world["domains"] = args.domains.split(",")
+    build_world(args.out, WorldSettings(**world), args.force)
 
 
 if __name__ == "__main__":

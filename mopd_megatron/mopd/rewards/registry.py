@@ -3,8 +3,9 @@
 A verifier is a function `(record, response_text) -> float`. The one used for a record is,
 in order: the verifier named by `record.verifier`; the verifier that `register_domain`
 mapped the record's domain to; a verifier whose name is the domain itself. Built in:
-`exact`, `numeric` (alias of domain `math`) and `python` (alias `code`, and of domain
-`code`). The response text is the decoded response without special tokens.
+`exact`, `numeric` (alias of domain `math`), `python` (alias `code`, and of domain
+`code`) and the open-answer verifiers `worked_sum`, `spread`, `interleaving`. The
+response text is the decoded response without special tokens.
 
 Verifiers that run model-written code (`python`, and any registered with `runs_code=True`)
 run it in `envs.sandbox`; `check_code_sandbox` refuses, before training starts, records that
@@ -19,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from mopd_megatron.envs import sandbox
 from mopd_megatron.mopd.rewards.code import python_tests
 from mopd_megatron.mopd.rewards.match import exact_match, numeric_match
+from mopd_megatron.mopd.rewards.open_answers import interleaving, spread, worked_sum
 
 Verifier = Callable[[object, str], float]
 
@@ -104,4 +106,7 @@ register_verifier("exact", exact_match)
 register_verifier("numeric", numeric_match)
 register_verifier("python", python_tests, runs_code=True)
 register_verifier("code", python_tests, runs_code=True)
+register_verifier("worked_sum", worked_sum)
+register_verifier("interleaving", interleaving)
+register_verifier("spread", spread)
 register_domain("math", "numeric")
