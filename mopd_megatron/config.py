@@ -140,10 +140,38 @@ class RolloutConfig(EngineConfig):
     experts (SGLang: --enable-return-routed-experts) and the trainer's routers use them, so
     both engines run the same experts. Ignored for dense students; teachers never replay.
     Turn off to measure the mismatch, or for an engine that cannot return routes."""
+    max_turns: int = 4
+    """Multi-turn prompts (records naming an environment): assistant turns per episode at most;
+    each turn ends with a tool call or the final answer (max_new_tokens bounds one turn)."""
+    max_episode_tokens: int = 4096
+    """Multi-turn prompts: tokens of a whole episode (prompt, turns, tool outputs) at most;
+    keep it below the model's context length (SGLang refuses an input that fills the whole
+    context, and the teachers prefill the whole episode)."""
+    environment_modules: list[str] = field(default_factory=list)
+    """Python modules imported before the rollout starts, to register the environments that
+    prompt records name (e.g. mopd_megatron.demo.agentic registers `lookup`)."""
+    max_staleness: int = 0
+    """k: the rollout samples and scores up to k steps ahead of training, with the newest
+    weights the engine has, so a trained batch was sampled by weights at most k optimizer
+    steps old (`async_rollout.py`). 0 = the synchronous loop: sample, score, train, sync."""
+    stale_policy: Literal["wait", "drop"] = "wait"
+    """How the bound holds: wait = batch s is sampled by exactly the weights of step s - 1 - k
+    (each side waits for the other; reproducible, resumes exactly); drop = the rollout never
+    waits for the trainer, which drops and counts batches past the bound."""
 
     def check(self, src: str) -> None:
         if self.engine == "url":
             _require(src, "rollout.url", self.url, "the running engine's base URL")
+        if self.max_staleness < 0:
+            raise RecipeError(f"{src}: 'rollout.max_staleness' must be >= 0 (0 = synchronous), "
+                              f"got {self.max_staleness}")
+        if self.stale_policy == "drop" and self.max_staleness == 0:
+            raise RecipeError(f"{src}: 'rollout.stale_policy' drop needs "
+                              "'rollout.max_staleness' >= 1 (at 0 every batch sampled during a "
+                              "step would be dropped)")
+        if self.max_staleness and self.source != "on_policy":
+            raise RecipeError(f"{src}: 'rollout.max_staleness' applies to on-policy sampling, "
+                              f"but rollout.source is {self.source!r}")
 
 
 @dataclass
@@ -151,6 +179,15 @@ class TeacherConfig(EngineConfig):
     name: str = ""
     domains: list[str] = field(default_factory=list)
     """Prompt domains this teacher scores."""
+    payload: Literal["", "sampled", "topk", "student_topk", "hidden_states", "local"] = ""
+    """What the teacher sends the trainer: "" = the loss's default; sampled = log-prob of each
+    sampled token (pg); topk = its top-k log-probs (topk); student_topk = its log-probs at the
+    student's own top-k tokens, asked through SGLang's token_ids_logprob (topk); hidden_states = its final hidden
+    state per position, turned into full-vocabulary logits in the trainer by the teacher's
+    LM-head shard (full_rkl / forward_kl with no teacher model in the trainer); local = no
+    server, the teacher model runs inside the trainer (full_rkl / forward_kl's default)."""
+    hidden_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """dtype the hidden states travel in from the teacher's client to every rank."""
 
 
 @dataclass
@@ -505,12 +542,36 @@ def validate(recipe: Recipe) -> None:
             f"{need} (its advantage compares the samples of one prompt), got "
             f"{r.n_samples_per_prompt}"
         )
+    _check_payloads(recipe, objective)
     served = {d for t in recipe.teachers.teachers for d in t.domains}
     unknown = set(recipe.data.domain_weights) - served
     if served and recipe.teachers.default is None and unknown:
         raise RecipeError(
             f"{src}: data.domain_weights names domains no teacher serves: {sorted(unknown)}"
         )
+
+
+def _check_payloads(recipe: Recipe, objective: Any) -> None:
+    """Every teacher's payload is one the loss trains on, and all teachers send the same."""
+    chosen = {t.payload or (objective.payloads or ("",))[0] for t in recipe.teachers.teachers}
+    for i, t in enumerate(recipe.teachers.teachers):
+        if t.payload and t.payload not in objective.payloads:
+            raise RecipeError(
+                f"{recipe.source}: teachers.teachers[{i}].payload {t.payload!r} (teacher "
+                f"{t.name!r}) does not feed algorithm.loss {objective.name!r}, which takes "
+                f"{list(objective.payloads) or 'no teacher'}")
+    if len(chosen) > 1:
+        raise RecipeError(f"{recipe.source}: every teacher must send the same payload, got "
+                          f"{sorted(chosen)}")
+    for i, t in enumerate(recipe.teachers.teachers):
+        if t.payload == "hidden_states":  # the trainer reads its LM head from there
+            _require(recipe.source, f"teachers.teachers[{i}].model_path", t.model_path,
+                     "the teacher's HF folder, whose LM head turns its hidden states into logits")
+
+
+def teacher_payload(recipe: Recipe) -> str:
+    """The payload the recipe's teachers send ("" = the loss's default)."""
+    return next((t.payload for t in recipe.teachers.teachers if t.payload), "")
 
 
 def _require(src: str, key: str, value: Any, what: str) -> None:

@@ -9,6 +9,7 @@ running ones; nothing else in the loop changes.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from .collect import evaluate_engine
 from .config import Recipe, RolloutConfig
 from .hf.spec import read_hf_config
 from .rollout.client import EngineClient
+from .rollout.multi_turn import DEFAULT_LIMITS, EpisodeLimits
 from .rollout.sglang import start_engine
 from .rollout.transport import run_sync
+from .rollout.types import RouteShape
 from .sync import make_weight_sync
 from .teachers import TeacherPool
 
@@ -32,12 +35,17 @@ class Serving:
     teachers: TeacherPool
     weight_sync: object
     """Has `push(buckets, weight_version)` (tensor, disk or distributed sync)."""
+    routes: RouteShape | None = None
+    """The routes the rollout engine returns with every sample (routing replay), or None."""
+    episodes: EpisodeLimits = DEFAULT_LIMITS
+    """Turn and token budgets of multi-turn prompts (evaluated as greedy episodes)."""
 
     def evaluate(self, tokenizer, records, max_new_tokens: int) -> dict[str, float] | None:
         """Greedy held-out accuracy per domain of the rollout engine's current weights."""
         if not records:
             return None
-        return run_sync(evaluate_engine(self.rollout, tokenizer, records, max_new_tokens))
+        return run_sync(evaluate_engine(self.rollout, tokenizer, records, max_new_tokens,
+                                        self.episodes))
 
     def evaluate_teachers(self, tokenizer, records, max_new_tokens: int) -> dict[str, dict]:
         """Each teacher's greedy accuracy on the held-out prompts of the domains it serves."""
@@ -45,7 +53,8 @@ class Serving:
         for name in self.teachers.names:
             own = [r for r in records if self.teachers.route(r.domain) == name]
             client = self.teachers.client(name)
-            scores[name] = run_sync(evaluate_engine(client, tokenizer, own, max_new_tokens))
+            scores[name] = run_sync(evaluate_engine(client, tokenizer, own, max_new_tokens,
+                                                    self.episodes))
         return scores
 
 
@@ -53,7 +62,7 @@ class NoServing:
     """The serving side on ranks that own no engine (and in `--train-only` runs): nothing to
     call, nothing to evaluate, so the loop runs the same code on every rank."""
 
-    rollout = teachers = weight_sync = None
+    rollout = teachers = weight_sync = routes = None
 
     def evaluate(self, tokenizer, records, max_new_tokens: int) -> None:
         return None
@@ -62,11 +71,18 @@ class NoServing:
         return {}
 
 
-def rollout_config(recipe: Recipe) -> RolloutConfig:
-    """The rollout engine's settings, with routing replay only for an MoE student (a dense
-    model has no routes to return)."""
-    moe = read_hf_config(recipe.model.hf_path).is_moe
-    return dataclasses.replace(recipe.rollout, routing_replay=recipe.rollout.routing_replay and moe)
+def replayed_routes(recipe: Recipe) -> RouteShape | None:
+    """The shape of the routes the rollout engine must return: routing replay is on and the
+    student is MoE (a dense model has no routes), the same rule as the trainer's."""
+    spec = read_hf_config(recipe.model.hf_path)
+    if not (recipe.rollout.routing_replay and spec.is_moe):
+        return None
+    return RouteShape(spec.num_layers, spec.num_experts_per_tok, spec.num_experts)
+
+
+def rollout_config(recipe: Recipe, routes: RouteShape | None) -> RolloutConfig:
+    """The rollout engine's settings: it records routes only when they are replayed."""
+    return dataclasses.replace(recipe.rollout, routing_replay=routes is not None)
 
 
 @contextmanager
@@ -82,11 +98,14 @@ def start_serving(recipe: Recipe, run_dir: Path, owner: bool = True):
         yield NoServing()
         return
     log_dir = Path(run_dir) / "logs"
+    routes = replayed_routes(recipe)
+    for module in recipe.rollout.environment_modules:  # they register their environments
+        importlib.import_module(module)
     with ExitStack() as stack:
         # The rollout engine starts while the teachers start; both are healthy past this block.
         rollout = stack.enter_context(
-            start_engine(rollout_config(recipe), recipe.model.hf_path, log_dir, name="rollout",
-                         wait=False)
+            start_engine(rollout_config(recipe, routes), recipe.model.hf_path, log_dir,
+                         name="rollout", wait=False)
         )
         teachers = stack.enter_context(
             TeacherPool.start(recipe.teachers, recipe.model.hf_path, log_dir)
@@ -98,4 +117,5 @@ def start_serving(recipe: Recipe, run_dir: Path, owner: bool = True):
             master_address=os.environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=recipe.launch.ports.weight_sync,
         )
-        yield Serving(rollout.client, teachers, sync)
+        yield Serving(rollout.client, teachers, sync, routes,
+                      EpisodeLimits.from_config(recipe.rollout))

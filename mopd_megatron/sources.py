@@ -20,11 +20,12 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from .collect import RolloutSettings, collect_trajectories
-from .config import Recipe
+from .config import Recipe, teacher_payload
 from .data import DomainMixSampler
 from .data.prompt_set import load_prompt_set
 from .hf.spec import read_hf_config
 from .mopd.objectives import LossContext, RolloutNeeds, build_objective
+from .rollout.multi_turn import EpisodeLimits
 from .rollout.transport import run_sync
 from .rollout.types import SamplingParams
 from .serving import start_serving
@@ -53,7 +54,8 @@ class OnPolicySource:
     Args:
         serving: the `Serving` of rank 0 (engines, teachers), or `NoServing` elsewhere.
         tokenizer: the student's tokenizer (the verifiers read decoded text).
-        sampler: the prompt sampler; every rank advances it, so its state is everywhere.
+        sampler: the prompt sampler; `next` advances it on every rank (under
+            `async_rollout` only rank 0's producer draws, and checkpoints carry its state).
         recipe: the run's recipe (rollout settings, seed).
         needs: what the objective asks of the teachers.
     """
@@ -65,18 +67,23 @@ class OnPolicySource:
 
     def next(self, step: int) -> list[Trajectory]:
         records = self.sampler.next_batch()
-        collected = None
-        if self.serving.rollout is not None:
-            r = self.recipe.rollout
-            settings = RolloutSettings(
-                sampling=step_sampling(self.recipe, step),
-                n_samples_per_prompt=r.n_samples_per_prompt, chunk_size=r.batch_size,
-                teacher_top_k=self.needs.teacher_top_k,
-                use_teachers=self.needs.queries_teachers,
-            )
-            collected = run_sync(collect_trajectories(
-                self.serving.rollout, self.serving.teachers, self.tokenizer, records, settings))
+        collected = self.collect(step, records) if self.serving.rollout is not None else None
         return broadcast_from_leader(collected)
+
+    def collect(self, step: int, records) -> list[Trajectory]:
+        """Sample `records` with step `step`'s seed, score and verify them (rank 0 only: no
+        collective, so `async_rollout`'s producer thread calls it too)."""
+        r = self.recipe.rollout
+        settings = RolloutSettings(
+            sampling=step_sampling(self.recipe, step),
+            n_samples_per_prompt=r.n_samples_per_prompt, chunk_size=r.batch_size,
+            teacher_top_k=self.needs.teacher_top_k, student_top_k=self.needs.student_top_k,
+            teacher_hidden_states=self.needs.teacher_hidden_states,
+            use_teachers=self.needs.queries_teachers, routes=self.serving.routes,
+            episodes=EpisodeLimits.from_config(r),
+        )
+        return run_sync(collect_trajectories(
+            self.serving.rollout, self.serving.teachers, self.tokenizer, records, settings))
 
 
 class SavedTrajectories:
@@ -102,7 +109,8 @@ def rollout_only(recipe: Recipe, out_dir: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.hf_path)
     prompts = load_prompt_set(recipe.data, tokenizer, recipe.train.seed)
     vocab = read_hf_config(recipe.model.hf_path).vocab_size
-    needs = build_objective(recipe.algorithm, LossContext(vocab_size=vocab)).needs
+    ctx = LossContext(vocab_size=vocab, teacher_payload=teacher_payload(recipe))
+    needs = build_objective(recipe.algorithm, ctx).needs
     with start_serving(recipe, Path(out_dir)) as serving:
         source = OnPolicySource(serving, tokenizer, prompts.sampler, recipe, needs)
         for step in range(1, recipe.train.steps + 1):

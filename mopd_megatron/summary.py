@@ -44,8 +44,11 @@ def step_scalars(
         if rewards:
             out[f"reward/{domain}"] = sum(rewards) / len(rewards)
     out["reward/mean"] = sum(t.reward for t in trajectories) / len(trajectories)
+    out.update(episode_scalars(trajectories, domains))
     generated = sum(t.num_generated for t in trajectories)
     out["response_length"] = generated / len(trajectories)
+    if any(t.teacher_logprobs for t in trajectories):
+        out["teacher/payload_bytes_per_token"] = teacher_payload_bytes(trajectories)
     out.update({f"time/{phase}": seconds for phase, seconds in times.items()})
     out["throughput/samples_per_s"] = len(trajectories) / sum(times.values())
     out["throughput/generated_tokens_per_s"] = generated / max(times["rollout"], 1e-9)
@@ -57,6 +60,36 @@ def step_scalars(
             out["routing/agreement"] = _ratio(metrics["routes_agreed"],
                                               metrics["routes_replayed"])
         out["routing/fallback"] = float(metrics["routes"] - metrics["routes_replayed"])
+    return out
+
+
+def teacher_payload_bytes(trajectories: list[Trajectory]) -> float:
+    """Bytes per scored token the teachers' payload takes on its way to the ranks, in the
+    batch's form: the sampled token's log-prob (fp32, 4), each top-k entry (int64 id + fp32
+    log-prob, 12), the hidden state (H x its dtype's size, 2H for bf16)."""
+    total = tokens = 0
+    for t in trajectories:
+        scored = len(t.token_ids) - t.response_start
+        tokens += scored
+        total += 4 * scored + 12 * sum(len(row) for row in t.teacher_topk_ids)
+        if t.teacher_hidden is not None:
+            total += t.teacher_hidden.numel() * t.teacher_hidden.element_size()
+    return total / max(tokens, 1)
+
+
+def episode_scalars(trajectories: list[Trajectory], domains: list[str]) -> dict[str, float]:
+    """Multi-turn rollouts: turns, tool calls and tool errors per trajectory of each domain,
+    and the share of the tokens after the first sampled one that no loss sees (tool outputs,
+    template glue). The per-domain KL (`kl/<domain>`) already counts sampled tokens only."""
+    out = {}
+    for domain in domains:
+        episodes = [t for t in trajectories if t.domain == domain and t.environment]
+        for name in ("turns", "tool_calls", "tool_errors") if episodes else ():
+            out[f"agent/{name}/{domain}"] = sum(getattr(t, name) for t in episodes) / len(episodes)
+    episodes = [t for t in trajectories if t.environment]
+    if episodes:
+        after = sum(len(t.token_ids) - t.response_start for t in episodes)
+        out["agent/masked_share"] = 1.0 - _ratio(sum(t.num_generated for t in episodes), after)
     return out
 
 

@@ -8,16 +8,19 @@
 Every rank runs this code. Global rank 0 owns the engines; elsewhere the serving side is
 `NoServing` and the trajectory source broadcasts rank 0's trajectories (token ids and a few
 floats per token). Sampling is seeded per step, so a resumed run draws what the original drew.
+With `rollout.max_staleness` k > 0, rank 0 samples and scores up to k steps ahead while the
+student trains (`async_rollout.py`); k = 0 is the synchronous loop above.
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from .async_rollout import AsyncSource
 from .config import Recipe, to_dict
 from .data.prompt_set import load_prompt_set
 from .mopd.batch import build_batch
@@ -26,6 +29,7 @@ from .serving import start_serving
 from .sources import OnPolicySource, SavedTrajectories
 from .student.local_teacher import LocalTeachers
 from .student.student import Student
+from .student.teacher_heads import TeacherHeads
 from .summary import step_scalars, write_final_report
 from .teacher_samples import TeacherSamples
 from .teachers import teacher_for
@@ -36,9 +40,13 @@ PROBE_SEQUENCES = 4
 
 
 def build_loss(recipe: Recipe, student: Student, domains: list[str]):
-    """(the loss `Student.step` calls, the recipe's objective). Full-vocabulary KL runs the
-    teachers locally at the student's layout and attaches their logits to each micro-batch."""
+    """(the loss `Student.step` calls, the recipe's objective). Full-vocabulary KL attaches
+    teacher logits at the student's layout to each micro-batch: from served teachers' hidden
+    states through their LM-head shards, or from teacher models run locally."""
     objective = build_objective(recipe.algorithm, student.loss_context(len(domains)))
+    if objective.needs.teacher_hidden_states:  # served teachers: only their LM-head shards here
+        heads = TeacherHeads.from_recipe(recipe, domains, student.spec.vocab_size)
+        return heads.wrap(objective), objective
     if not objective.needs.local_teacher_logits:
         return objective, objective
     paths = {i: teacher_for(recipe.teachers, d).model_path for i, d in enumerate(domains)}
@@ -80,6 +88,11 @@ def train(recipe: Recipe, train_only: str | Path | None = None) -> Path:
             return serving.evaluate(tokenizer, prompts.held_out, r.max_new_tokens)
 
         before = resumed.get("before") if resumed else evaluate()
+        ahead = None
+        if isinstance(source, OnPolicySource):  # sampling runs ahead of training (k >= 0)
+            source = ahead = stack.enter_context(AsyncSource(
+                source, r, recipe.train.steps, start_step=start_step, leader=student.is_leader,
+                state=resumed.get("rollout_queue") if resumed else None))
         for step in range(start_step + 1, recipe.train.steps + 1):
             t0 = time.perf_counter()
             trajectories = source.next(step)
@@ -87,25 +100,34 @@ def train(recipe: Recipe, train_only: str | Path | None = None) -> Path:
                 continue
             t1 = time.perf_counter()
             batch = build_batch(trajectories, pad_id=tokenizer.pad_token_id,
-                                domains=prompts.domains, topk=objective.needs.teacher_top_k)
+                                domains=prompts.domains, topk=objective.needs.topk_width)
             metrics = student.step(batch, loss)
             t2 = time.perf_counter()
-            gap = None
+            gap, evals, t3 = None, None, None
             if not train_only:  # a train-only run has no engine to sync or probe
-                student.push_weights(serving.weight_sync, str(step))
-                if r.sync_check:
-                    length = min(len(t.token_ids) for t in trajectories[:PROBE_SEQUENCES])
-                    probe = batch["tokens"][:PROBE_SEQUENCES, :length]
-                    gap = student.probe_gap(serving.rollout, probe)
-            times = {"rollout": t1 - t0, "train": t2 - t1, "sync": time.perf_counter() - t2}
+                with ahead.engine_turn(step) if ahead else nullcontext():  # no rollout meanwhile
+                    student.push_weights(serving.weight_sync, str(step))
+                    if r.sync_check:
+                        length = min(len(t.token_ids) for t in trajectories[:PROBE_SEQUENCES])
+                        probe = batch["tokens"][:PROBE_SEQUENCES, :length]
+                        gap = student.probe_gap(serving.rollout, probe)
+                    t3 = time.perf_counter()
+                    if recipe.logging.eval_interval and step % recipe.logging.eval_interval == 0:
+                        evals = evaluate()
+            times = {"rollout": t1 - t0, "train": t2 - t1, "sync": (t3 or time.perf_counter()) - t2}
             scalars = step_scalars(metrics, trajectories, prompts.domains, times, gap)
-            if recipe.logging.eval_interval and step % recipe.logging.eval_interval == 0:
-                scalars.update({f"eval/{d}": v for d, v in (evaluate() or {}).items()})
+            scalars.update(ahead.scalars(step) if ahead else {})
+            scalars.update({f"eval/{d}": v for d, v in (evals or {}).items()})
             tracker.log(step, scalars, ("loss", "kl/mean", "reward/mean", "icepop/gated"))
             if step % recipe.checkpoint.save_interval == 0 or step == recipe.train.steps:
                 extra = {"step": step, "sampler": prompts.sampler.state_dict(), "before": before,
                          "recipe": to_dict(recipe)}
+                if ahead:  # the batches sampled ahead and rank 0's sampler after them
+                    extra["rollout_queue"] = ahead.state_dict()
+                    extra["sampler"] = extra["rollout_queue"]["sampler"]
                 student.save(ckpt_root, step, extra, recipe.checkpoint.keep_last)
+        if ahead:
+            ahead.close()  # the producer leaves the engine to the final evaluation
         after = evaluate()
         hf_dir = student.export_hf(recipe.hf_export_dir) if recipe.checkpoint.export_hf else None
         teachers = serving.evaluate_teachers(tokenizer, prompts.held_out, r.max_new_tokens)

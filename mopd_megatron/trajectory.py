@@ -14,6 +14,9 @@ entry t describes token t given tokens[:t]. The first position has no log-prob (
   rollout engine used for token t in each decoder layer, in the smallest integer type that
   holds the expert count (`route_dtype`), −1 where none was recorded (SGLang records no route
   for the last token, which is never run through the model).
+- `teacher_hidden` [L - response_start, H] (the `hidden_states` teacher payload): the domain
+  teacher's final hidden state that predicts each token from the response start on (row j
+  is the state at position response_start + j - 1), in the recipe's dtype (bf16 default).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch
 
 ROUTES_KEY = "routed_experts"
 """The name of the routes in a trajectory, a batch and SGLang's `meta_info`."""
+HIDDEN_KEY = "teacher_hidden"
+"""The name of the teacher's hidden states in a trajectory and a batch."""
 
 
 def route_dtype(num_experts: int) -> torch.dtype:
@@ -53,6 +58,18 @@ class Trajectory:
     finish_reason: str = ""
     routed_experts: torch.Tensor | None = None
     """[L, layers, k] expert ids per token and layer (see the module docstring), or None."""
+    teacher_hidden: torch.Tensor | None = None
+    """[L - response_start, H] the teacher's final hidden states (module docstring), or None."""
+    environment: str = ""
+    """The multi-turn environment the trajectory ran in ("" = single-turn)."""
+    turns: int = 1
+    """Assistant turns (generations) in the sequence."""
+    tool_calls: int = 0
+    tool_errors: int = 0
+    """Tool calls that came back as error observations (crash, time-out, flood, bad call)."""
+    weight_version: int | None = None
+    """The rollout engine's weight version (optimizer steps) that sampled it, as the engine
+    reported it; None where unrecorded (`async_rollout.py`)."""
 
     @property
     def num_generated(self) -> int:
@@ -77,20 +94,32 @@ class Trajectory:
         return self.loss_mask.index(1) if 1 in self.loss_mask else len(self.loss_mask)
 
     def to_json(self) -> dict:
-        """A JSON-ready dict (the routes as base64 bytes with their dtype and shape)."""
-        out = dataclasses.asdict(dataclasses.replace(self, routed_experts=None))
-        if self.routed_experts is not None:
-            routes = self.routed_experts.contiguous()
-            out[ROUTES_KEY] = {"dtype": str(routes.dtype).removeprefix("torch."),
-                               "shape": list(routes.shape),
-                               "data": base64.b64encode(routes.numpy().tobytes()).decode()}
+        """A JSON-ready dict (the tensors as base64 bytes with their dtype and shape)."""
+        out = dataclasses.asdict(dataclasses.replace(self, routed_experts=None,
+                                                     teacher_hidden=None))
+        for key in (ROUTES_KEY, HIDDEN_KEY):
+            if getattr(self, key) is not None:
+                out[key] = _tensor_json(getattr(self, key))
         return out
 
     @classmethod
     def from_json(cls, data: dict) -> Trajectory:
         """The inverse of `to_json`."""
-        routes = data.get(ROUTES_KEY)
-        if routes is not None:
-            array = np.frombuffer(base64.b64decode(routes["data"]), dtype=routes["dtype"])
-            data = {**data, ROUTES_KEY: torch.from_numpy(array.copy()).view(routes["shape"])}
-        return cls(**data)
+        tensors = {key: _tensor_from_json(data[key]) for key in (ROUTES_KEY, HIDDEN_KEY)
+                   if data.get(key) is not None}
+        return cls(**{**data, **tensors})
+
+
+def _tensor_json(tensor: torch.Tensor) -> dict:
+    """{dtype, shape, base64 data}; bf16 (which numpy lacks) travels as its int16 bits."""
+    tensor = tensor.contiguous()
+    bits = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor
+    return {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
+            "data": base64.b64encode(bits.numpy().tobytes()).decode()}
+
+
+def _tensor_from_json(data: dict) -> torch.Tensor:
+    bf16 = data["dtype"] == "bfloat16"
+    array = np.frombuffer(base64.b64decode(data["data"]), dtype="int16" if bf16 else data["dtype"])
+    tensor = torch.from_numpy(array.copy()).view(data["shape"])
+    return tensor.view(torch.bfloat16) if bf16 else tensor

@@ -244,22 +244,28 @@ def kv_of(seq):
     return torch.stack(rows, dim=3)
 
 
+def routes_of(seq):
+    """A stand-in for a token's routes: its id and position, so a wrong slice shows."""
+    return torch.tensor([[[t, i]] for i, t in enumerate(seq)])
+
+
 @pytest.mark.parametrize("capacity", [10_000, 60])
 def test_prefix_cache_against_a_brute_force_scan(capacity):
     """The radix tree returns the longest stored prefix (all of them while nothing is evicted)
-    with its exact KV, and evicts least recently used runs to stay within its capacity."""
+    with its exact KV and routes, and evicts least recently used runs to stay within its capacity."""
     g = torch.Generator().manual_seed(0)
     cache, stored = PrefixCache(capacity), []
     for _ in range(60):
         n = int(torch.randint(1, 9, (1,), generator=g))
         seq = [int(t) for t in torch.randint(0, 3, (n,), generator=g)]
-        length, kv = cache.match(seq, n - 1)
+        length, kv, routes = cache.match(seq, n - 1)
         best = max([0] + [next((i for i, (a, b) in enumerate(zip(seq[:n - 1], old)) if a != b),
                                min(n - 1, len(old))) for old in stored])
         assert length == best if capacity > 1000 else length <= best
         if length:
             assert torch.equal(kv, kv_of(seq)[:, :, :, :length])
-        cache.insert(seq, kv_of(seq))
+            assert torch.equal(routes, routes_of(seq)[:length])
+        cache.insert(seq, kv_of(seq), routes_of(seq))
         stored.append(seq)
         assert cache.size <= capacity
 
@@ -282,7 +288,7 @@ def test_token_texts_in_logprobs(engine, tiny_moe_dir):
 @pytest.mark.parametrize("body, field", [
     ({"text": "hello"}, "'text'"),
     ({"input_ids": [5], "stream": True}, "'stream'"),
-    ({"input_ids": [5], "return_hidden_states": True}, "'return_hidden_states'"),
+    ({"input_ids": [5], "return_hidden_states": True}, "--enable-return-hidden-states"),
     ({"input_ids": [5], "sampling_params": {"min_p": 0.5}}, "'sampling_params.min_p'"),
     ({"input_ids": [5], "sampling_params": {"json_schema": "{}"}}, "'sampling_params.json_schema'"),
 ])

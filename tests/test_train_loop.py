@@ -75,6 +75,9 @@ def test_loop_writes_logs_report_and_export(reference_run):
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(r["sync/logprob_gap"] < 1e-4 for r in rows)  # engine == trainer after each sync
+    # Routing replay (on by default for an MoE student): the engine sent every route the loss
+    # depends on, and with equal weights the trainer's live routers agree with nearly all.
+    assert all(r["routing/replayed"] == 1.0 and r["routing/agreement"] > 0.9 for r in rows)
     assert rows[-1]["kl/mean"] < rows[0]["kl/mean"]  # the student moves towards its teachers
     assert {"kl/add", "kl/rev", "reward/add", "time/rollout"} <= set(rows[0])
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -90,7 +93,13 @@ def test_killed_run_resumes_bit_exactly(world, reference_run, tmp_path):
     flight per engine (max_concurrency: 1), since the embedded engine merges concurrent
     requests into one padded batch and a different batch shape changes the last float bits."""
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_train_command(world, run), env=_env(), start_new_session=True,
+    assert_resumes_exactly(_train_command(world, run), run, reference_run, steps=4)
+
+
+def assert_resumes_exactly(command: list[str], run, reference, steps: int) -> None:
+    """SIGKILL a training command (writing to `run`) once it has saved step 2, rerun it, and
+    compare the resumed steps' losses with the uninterrupted `reference` run's, bit for bit."""
+    proc = subprocess.Popen(command, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = run / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
@@ -100,11 +109,10 @@ def test_killed_run_resumes_bit_exactly(world, reference_run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # the trainer, its ranks and its engines
     proc.wait()
     resumed_from = int(latest.read_text())
-    assert resumed_from < 4, "the run finished before it could be killed"
-
-    subprocess.run(_train_command(world, run), env=_env(), check=True, timeout=300)
-    expected, got = _losses(reference_run), _losses(run)
-    for step in range(resumed_from + 1, 5):
+    assert resumed_from < steps, "the run finished before it could be killed"
+    subprocess.run(command, env=_env(), check=True, timeout=300)
+    expected, got = _losses(reference), _losses(run)
+    for step in range(resumed_from + 1, steps + 1):
         assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
 
 

@@ -7,6 +7,8 @@ One record per line (JSONL) or row (Parquet). Fields:
 - `answer` (str or number, optional): the reference answer for the verifier;
 - `tests` (str or list, optional): test code or stdin/stdout cases for a code verifier;
 - `verifier` (str, optional): verifier name; by default the domain names the verifier;
+- `environment` (str, optional): the registered multi-turn environment (`envs.environment`)
+  that runs this prompt's episode; without it the prompt is single-turn;
 - `id` (str, optional): a stable name; by default `<file name>:<line>`;
 - `metadata` (mapping, optional): free data; any other top-level key is also kept there.
 
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KNOWN_FIELDS = ("prompt", "messages", "domain", "answer", "tests", "verifier", "id", "metadata")
+KNOWN_FIELDS = ("prompt", "messages", "domain", "answer", "tests", "verifier", "environment",
+                "id", "metadata")
 
 
 class PromptDataError(ValueError):
@@ -41,6 +44,8 @@ class PromptRecord:
     tests: Any = None
     verifier: str | None = None
     """Verifier name; None = the verifier registered for `domain`."""
+    environment: str | None = None
+    """Multi-turn environment name; None = single-turn."""
     id: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     prompt_ids: list[int] | None = None
@@ -49,7 +54,7 @@ class PromptRecord:
     def to_json(self) -> dict[str, Any]:
         """The record as a JSONL line's object (without token ids or unset fields)."""
         out: dict[str, Any] = {"id": self.id, "domain": self.domain}
-        for name in ("prompt", "messages", "answer", "tests", "verifier"):
+        for name in ("prompt", "messages", "answer", "tests", "verifier", "environment"):
             if getattr(self, name) is not None:
                 out[name] = getattr(self, name)
         if self.metadata:
@@ -133,6 +138,9 @@ def parse_record(raw: Any, where: str, default_id: str = "") -> PromptRecord:
     verifier = raw.get("verifier")
     if verifier is not None and (not isinstance(verifier, str) or not verifier):
         raise fail("verifier", f"must be a non-empty string, got {verifier!r}")
+    environment = raw.get("environment")
+    if environment is not None and (not isinstance(environment, str) or not environment):
+        raise fail("environment", f"must be a non-empty string, got {environment!r}")
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise fail("metadata", f"must be a mapping, got {type(metadata).__name__}")
@@ -144,6 +152,7 @@ def parse_record(raw: Any, where: str, default_id: str = "") -> PromptRecord:
         answer=None if answer is None else str(answer),
         tests=tests,
         verifier=verifier,
+        environment=environment,
         id=str(raw.get("id") or default_id),
         metadata={**extra, **metadata},
     )

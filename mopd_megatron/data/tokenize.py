@@ -43,7 +43,11 @@ def render_prompt(record: PromptRecord, tokenizer, apply_chat_template: bool = F
 
 def encode_prompt(record: PromptRecord, tokenizer, apply_chat_template: bool = False) -> list[int]:
     """Token ids of the rendered prompt, with bos in front when the tokenizer has one."""
-    text = render_prompt(record, tokenizer, apply_chat_template)
+    return encode_text(render_prompt(record, tokenizer, apply_chat_template), tokenizer)
+
+
+def encode_text(text: str, tokenizer) -> list[int]:
+    """Token ids of a rendered prompt, with bos in front when the tokenizer has one."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     bos = tokenizer.bos_token_id
     if bos is not None and (not ids or ids[0] != bos):

@@ -16,13 +16,16 @@ field is aligned with the logits at position t, which predict the target y = tok
     routed_experts       [B, S, L, k]    the rollout engine's expert ids of *input* token t
                                          (aligned with `tokens`, not shifted), −1 pad; only
                                          when a trajectory carries routes (routing replay)
+    teacher_hidden       [B, S, H]       the teacher's final hidden state at position t (its
+                                         logits predict targets[t]), 0 off the response;
+                                         only with the `hidden_states` teacher payload
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..trajectory import ROUTES_KEY, Trajectory
+from ..trajectory import HIDDEN_KEY, ROUTES_KEY, Trajectory
 from .advantages import grpo_advantages
 
 
@@ -60,6 +63,19 @@ def _routes(trajs: list[Trajectory], length: int) -> torch.Tensor:
     return out
 
 
+def _hidden(trajs: list[Trajectory], length: int) -> torch.Tensor:
+    """[B, length, H] teacher hidden states aligned with the logits: a trajectory's row j
+    (predicting token response_start + j) goes to position response_start + j − 1."""
+    known = next(t.teacher_hidden for t in trajs if t.teacher_hidden is not None)
+    out = known.new_zeros(len(trajs), length, known.shape[-1])
+    for i, traj in enumerate(trajs):
+        if traj.teacher_hidden is None:
+            raise ValueError(f"trajectory {i} has no teacher hidden states while others do")
+        start = traj.response_start
+        out[i, start - 1:start - 1 + len(traj.teacher_hidden)] = traj.teacher_hidden
+    return out
+
+
 def build_batch(
     trajectories: list[Trajectory], *, pad_id: int, domains: list[str], topk: int = 0
 ) -> dict[str, torch.Tensor]:
@@ -89,6 +105,8 @@ def build_batch(
         )
     if any(t.routed_experts is not None for t in trajectories):
         batch[ROUTES_KEY] = _routes(trajectories, length)
+    if any(t.teacher_hidden is not None for t in trajectories):
+        batch[HIDDEN_KEY] = _hidden(trajectories, length)
     if topk:
         batch["teacher_topk_ids"], batch["teacher_topk_logprobs"] = _shifted_topk(
             trajectories, length, topk

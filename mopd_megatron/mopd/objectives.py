@@ -12,8 +12,14 @@ micro-batches and DP ranks, so the result is the mean over sequences whatever th
 - `topk`: the corrected teacher top-k reverse KL (MOPD paper eq. 5),
   term_t = w_t · Σ_{v∈TopK(π_T)} [π_θ(v) log(π_θ(v)/π_T(v)) − π_θ(v) + π_T(v)], plus the
   outcome term −w_t·α·Â_ORM·log π_θ(y_t) when α > 0. With k ≥ |V| it is the exact reverse KL.
-- `full_rkl` / `forward_kl`: exact KL(π_θ‖π_T) / KL(π_T‖π_θ) over the whole vocabulary from a
-  local teacher's logits at the student's TP layout, plus the same outcome term.
+  With the `student_topk` payload the same sum runs over the student's own top-k instead
+  (support = the sampling engine's top-k of the student's temperature-scaled distribution at
+  that position, μ_θ's), each v with the teacher's log π_T(v) from `token_ids_logprob`: the
+  teacher sends k values per position, never computes its own top-k, and the support is
+  where the student puts its mass, which is where reverse KL is large.
+- `full_rkl` / `forward_kl`: exact KL(π_θ‖π_T) / KL(π_T‖π_θ) over the whole vocabulary from
+  teacher logits at the student's TP layout (a local teacher's, or a served teacher's hidden
+  states times its LM-head shard), plus the same outcome term.
 - `grpo` (the RL baselines, no teacher): term_t = −w_t · Â_ORM · log π_θ(y_t).
 - `sft` (off-policy fine-tuning, e.g. RFT on verified teacher samples): the token-mean
   cross-entropy −Σ_{b,t} m log π_θ(y) / Σ m, with the token as the unit and no IcePop gate
@@ -24,6 +30,21 @@ the gradient of −Â_t log π_θ(y_t) over sampled y is the gradient of the rev
 KL(π_θ‖π_T) estimated on the student's own samples, which is what on-policy distillation
 minimises. π_θ is always the trainer's log-prob recomputed in this forward pass, and μ_θ (the
 engine's, at sampling time) enters only through the IcePop ratio π_θ/μ_θ.
+
+Under staleness (`rollout.max_staleness` = k ≥ 1, `async_rollout.py`) the batch trained at
+step s was sampled by θ_v, v ≥ s − 1 − k, while the trainer holds θ = θ_{s−1}. The estimator
+is unchanged in form and every θ-dependent term is the current one:
+    μ = μ_{θ_v} (the engine's log-probs as it sampled, the behaviour policy),
+    Â_t = clip(sg[log π_T(y_t) − log π_θ(y_t)], ±A_max) + α·Â_ORM,
+    w_t = sg[π_θ/μ] if ε_low ≤ π_θ/μ ≤ ε_high else 0,
+with log π_θ recomputed in this forward pass, never taken from the sampler. So the advantage
+is the current student's distance to the teacher (MiMo-V2-Flash eq. 8), which is what fixes
+reverse KL under stale rollouts (AsyncOPD, arXiv 2606.24143), and the IcePop ratio now
+measures the policy lag plus the engine mismatch. Inside the gate w = π_θ/μ is the per-token
+importance weight from θ_v's samples to θ's, so E_{y∼μ}[w · ∇(−Â log π_θ)] estimates the
+current student's reverse-KL gradient (per-token ratios, as in PPO-style estimators); tokens
+on which θ_v and θ disagree beyond [ε_low, ε_high] are dropped, trading that bias for bounded
+variance. The bound k keeps the lag, and so the gated fraction, small (`icepop/gated`).
 
 The vocabulary-wide quantities all come from `mopd_megatron.kernels`; nothing here gathers
 the vocabulary. Batch fields are aligned with the logits: position t holds the target
@@ -52,12 +73,23 @@ class RolloutNeeds:
     """The teacher's log-prob of each sampled token (a served teacher's prefill)."""
     teacher_top_k: int = 0
     """The teacher's top-k log-probs at each response position (0 = none)."""
+    student_top_k: int = 0
+    """The teacher's log-probs at the rollout engine's top-k of the student at each response
+    position (0 = none; the `student_topk` payload)."""
     local_teacher_logits: bool = False
     """Full-vocabulary teacher logits, computed in the trainer by local teacher models."""
+    teacher_hidden_states: bool = False
+    """The teacher's final hidden state at each response position (served teachers); the
+    trainer applies the teacher's LM-head shard to get full-vocabulary logits."""
 
     @property
     def queries_teachers(self) -> bool:
-        return self.teacher_logprobs or self.teacher_top_k > 0
+        return self.teacher_logprobs or self.topk_width > 0 or self.teacher_hidden_states
+
+    @property
+    def topk_width(self) -> int:
+        """Entries per position of the batch's `teacher_topk_*` fields (0 = none)."""
+        return max(self.teacher_top_k, self.student_top_k)
 
 
 @dataclass(frozen=True)
@@ -72,6 +104,9 @@ class LossContext:
     """The tensor-parallel group the vocabulary is split over."""
     num_domains: int = 1
     """Domains are reported separately in the metrics."""
+    teacher_payload: str = ""
+    """What the teachers send, when the recipe chooses (`teachers.teachers[i].payload`; ""
+    = the objective's default, `Objective.payloads[0]`)."""
 
 
 def token_logprob_entropy(logits: Tensor, targets: Tensor, *, tp_group=None,
@@ -102,6 +137,9 @@ class Objective:
     """Group-normalised outcome advantages compare the samples of one prompt."""
     trains_on_fixed_samples: ClassVar[bool] = False
     """Learns from fixed (e.g. verified teacher) samples rather than the student's own."""
+    payloads: ClassVar[tuple[str, ...]] = ()
+    """Teacher payloads this loss can train on, its default first (`TeacherConfig.payload`;
+    "local" = the teacher runs inside the trainer); () = no teacher."""
 
     def __init__(self, cfg: AlgorithmConfig, ctx: LossContext):
         self.cfg, self.ctx = cfg, ctx
@@ -141,7 +179,7 @@ class Objective:
 
 
 class PolicyGradient(Objective):
-    name = "pg"
+    name, payloads = "pg", ("sampled",)
 
     @property
     def needs(self) -> RolloutNeeds:
@@ -164,12 +202,15 @@ class OutcomeOnly(Objective):
 
 
 class TopKReverseKL(Objective):
-    name, kernel_passes = "topk", 2
+    name, kernel_passes, payloads = "topk", 2, ("topk", "student_topk")
 
     @property
     def needs(self) -> RolloutNeeds:
-        # A top-k at least the vocabulary is the whole teacher distribution (exact reverse KL).
-        return RolloutNeeds(teacher_top_k=min(self.cfg.topk, self.ctx.vocab_size))
+        # A top-k at least the vocabulary is the whole distribution (exact reverse KL).
+        k = min(self.cfg.topk, self.ctx.vocab_size)
+        if self.ctx.teacher_payload == "student_topk":
+            return RolloutNeeds(student_top_k=k)
+        return RolloutNeeds(teacher_top_k=k)
 
     def token_terms(self, logits, mb, logprob):
         b, s, v = logits.shape
@@ -183,13 +224,17 @@ class TopKReverseKL(Objective):
 
 
 class FullVocabKL(Objective):
-    """Exact reverse (`full_rkl`) or forward (`forward_kl`) KL against local teacher logits."""
+    """Exact reverse (`full_rkl`) or forward (`forward_kl`) KL against full-vocabulary teacher
+    logits at the student's TP layout: from local teacher models, or from served teachers'
+    hidden states through each teacher's LM-head shard (`student.teacher_heads`)."""
 
     kind: ClassVar[str]
-    kernel_passes = 2
+    kernel_passes, payloads = 2, ("local", "hidden_states")
 
     @property
     def needs(self) -> RolloutNeeds:
+        if self.ctx.teacher_payload == "hidden_states":
+            return RolloutNeeds(teacher_hidden_states=True)
         return RolloutNeeds(local_teacher_logits=True)
 
     def token_terms(self, logits, mb, logprob):

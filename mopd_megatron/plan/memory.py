@@ -26,8 +26,9 @@ bytes. The estimate, for the peak of one training step on a rank of that stage:
 - KL kernel buffers (last stage, one micro-batch): the logits shard [N, V_pad / tp] in fp32
   (Float16Module returns fp32 logits), one gradient buffer per kernel call in the logits'
   dtype (log-prob/entropy; the top-k or full-vocabulary KL adds a second), the gradient cast
-  back to bf16, the local teacher's logits for the full-vocabulary losses, the teacher's
-  top-k ids and log-probs, and O(N) fp32 row statistics (16 floats per token).
+  back to bf16, the teacher's logits shard for the full-vocabulary losses, the teacher's
+  top-k ids and log-probs, and O(N) fp32 row statistics (16 floats per token). The teachers'
+  own memory in the trainer (LM-head shards or local models) is `payload.py`'s.
 
 Not modelled: the CUDA context, NCCL and allocator slack (`launch.memory_utilization`
 reserves them), and temporaries inside a single kernel.
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mopd_megatron.config import Recipe
+from mopd_megatron.config import Recipe, teacher_payload
 from mopd_megatron.hf.spec import HFModelSpec
 from mopd_megatron.mopd.objectives import LossContext, build_objective
 from mopd_megatron.plan.params import RankParams, rank_params, stage_layers
@@ -125,17 +126,18 @@ def in_flight(recipe: Recipe, micro_batches: int, stage: int) -> float:
 def kl_buffer_bytes(spec: HFModelSpec, recipe: Recipe, padded_vocab: int, seq_len: int) -> int:
     """The loss's buffers on the last stage for one micro-batch (see the module docstring)."""
     p = recipe.parallel
-    objective = build_objective(recipe.algorithm, LossContext(vocab_size=spec.vocab_size))
+    ctx = LossContext(vocab_size=spec.vocab_size, teacher_payload=teacher_payload(recipe))
+    objective = build_objective(recipe.algorithm, ctx)
     needs = objective.needs
     tokens = p.micro_batch_size * seq_len // p.cp
     shard = tokens * (padded_vocab // p.tp)
     logits = 4  # Float16Module returns fp32 logits
     cast_back = _dtype_bytes(recipe) if recipe.model.dtype == "bfloat16" else 0
     per_element = logits * (1 + objective.kernel_passes) + cast_back
-    if needs.local_teacher_logits:
-        per_element += 4  # the local teacher's logits, at the student's TP layout
+    if needs.local_teacher_logits or needs.teacher_hidden_states:
+        per_element += 4  # the teacher's fp32 logits shard (local model, or hidden @ head)
     per_token = ROW_STATS_FLOATS * 4
-    per_token += needs.teacher_top_k * (8 + 4)  # int64 ids and fp32 log-probs
+    per_token += needs.topk_width * (8 + 4)  # int64 ids and fp32 log-probs
     return shard * per_element + tokens * per_token
 
 

@@ -2,13 +2,15 @@
 
 Consumes a loaded `Recipe` (and, optionally, a config.json standing in for model folders that
 are not on this machine yet); produces a `Plan`: the student's parameter counts, its step
-shape and memory per pipeline stage (`plan.memory`), the SGLang servers (`plan.serving`), the
-node placement (`plan.placement`), and `problems`, every reason the job cannot run: a layout
+shape and memory per pipeline stage (`plan.memory`, with the teachers' share in the trainer
+from `plan.payload`), the SGLang servers (`plan.serving`), the node placement
+(`plan.placement`), the teacher payload's bytes per token and step, and `problems`, every reason the job cannot run: a layout
 Megatron cannot build, a batch that does not divide, a rank or server that does not fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from mopd_megatron.plan.params import (
     check_countable,
     model_params,
 )
+from mopd_megatron.plan.payload import PayloadPlan, payload_plan
 from mopd_megatron.plan.placement import Placement, place
 from mopd_megatron.plan.serving import GIB, ServerPlan, plan_server, server_gpus
 from mopd_megatron.student.layout import validate_layout
@@ -43,6 +46,8 @@ class Plan:
     servers: list[ServerPlan]
     placement: Placement
     problems: list[str] = field(default_factory=list)
+    payload: PayloadPlan | None = None
+    """The teachers' payload: bytes per token and step, and its memory in the trainer."""
 
     @property
     def ok(self) -> bool:
@@ -142,6 +147,10 @@ def make_plan(recipe: Recipe, model_config: str | None = None) -> Plan:
     padded = padded_vocab_size(spec.vocab_size, recipe.model.make_vocab_size_divisible_by, p.tp)
     problems = _layout_problems(recipe, spec, world)
     shape, stages = student_memory(spec, recipe, world, padded)
+    payload = payload_plan(recipe, spec, lambda i, t: load_spec(
+        t.model_path, f"teachers.teachers[{i}].model_path", model_config)[0], padded, shape)
+    last = stages[-1]  # the loss, and so the teachers' heads or models, live on the last stage
+    stages[-1] = dataclasses.replace(last, kl_buffers=last.kl_buffers + payload.trainer_bytes)
     problems += _batch_problems(recipe, shape)
     usable = int(launch.memory_utilization * launch.gpu_memory_gib * GIB)
     for stage in stages:
@@ -171,7 +180,7 @@ def make_plan(recipe: Recipe, model_config: str | None = None) -> Plan:
     problems += placement.problems
     problems += _sync_problems(recipe, placement)
     return Plan(recipe, spec, spec_source, model_params(spec), padded, shape, stages, usable,
-                servers, placement, problems)
+                servers, placement, problems, payload)
 
 
 def _layout_problems(recipe: Recipe, spec: HFModelSpec, world: int) -> list[str]:

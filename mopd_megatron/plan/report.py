@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from mopd_megatron.plan.planner import Plan
 from mopd_megatron.plan.serving import GIB
+from mopd_megatron.plan.timing import format_times, step_times
 
 
 def _billions(count: int) -> str:
@@ -55,6 +56,8 @@ def format_plan(plan: Plan) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
               for row in rows]
+    if plan.payload is not None and plan.payload.payload:
+        lines.append("teachers  " + _payload_line(plan))
     lines.append("GPUs      " + _gpus_line(plan))
     for server, placed in zip(plan.servers, plan.placement.servers, strict=True):
         per_replica = server.kv_tokens // s.seq_len
@@ -66,6 +69,9 @@ def format_plan(plan: Plan) -> str:
             f"{per_replica} full-length sequences at once" + (waves if server.key == "rollout"
                                                               else "")
         )
+    times = step_times(plan)
+    if times is not None:
+        lines += format_times(times)
     if plan.ok:
         lines.append("verdict   fits: no problems found")
     else:
@@ -73,6 +79,20 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"verdict   cannot run ({count} problem{'s' if count > 1 else ''}):")
         lines += [f"  - {problem}" for problem in plan.problems]
     return "\n".join(lines)
+
+
+def _payload_line(plan: Plan) -> str:
+    """The teacher payload against the alternatives, per token, per step and in the trainer."""
+    pay, k = plan.payload, min(plan.recipe.algorithm.topk, plan.spec.vocab_size)
+    sizes = ", ".join(f"{name if name != 'topk' else f'top-{k}'} {size}"
+                      for name, size in pay.per_token.items())
+    line = f"payload {pay.payload}; bytes per scored token: {sizes}"
+    if pay.step_bytes:
+        line += (f"; {pay.step_bytes / 2**20:.1f} MiB per step from the teachers to rank 0, "
+                 "and again to every other rank")
+    if pay.trainer_bytes:
+        line += f"; {_gib(pay.trainer_bytes)} GiB on a last-stage rank (in kl-buffers)"
+    return line
 
 
 def _gpus_line(plan: Plan) -> str:

@@ -28,10 +28,12 @@ from typing import Any
 
 import torch
 
+from mopd_megatron.rollout.hidden_payload import attach_hidden
 from mopd_megatron.rollout.tensor_payload import tensor_payload
 from mopd_megatron.rollout.transport import EngineError, HttpEndpoint, run_sync
 from mopd_megatron.rollout.types import (
     Generation,
+    RouteShape,
     SamplingParams,
     Scores,
     parse_generations,
@@ -55,13 +57,16 @@ class EngineClient(HttpEndpoint):
 
     # -- generation and scoring ----------------------------------------------------------
 
-    async def agenerate(self, prompts: Sequence[Sequence[int]],
-                        sampling: SamplingParams) -> list[Generation]:
+    async def agenerate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                        routes: RouteShape | None = None, top_k: int = 0) -> list[Generation]:
         """Sample one response per prompt, with per-token log-probs (in input order).
 
         Args:
             prompts: Token ids of each prompt (repeat a prompt for several samples).
             sampling: Temperature, top-p/k, max_new_tokens, stop tokens.
+            routes: Also return every token's routed experts, which must have this shape
+                (routing replay; the server needs --enable-return-routed-experts).
+            top_k: Also return the engine's top-k ids at each sampled position (0 = off).
 
         Returns:
             One `Generation` per prompt.
@@ -70,12 +75,18 @@ class EngineClient(HttpEndpoint):
             batch = [list(map(int, p)) for p in prompts[part]]
             payload = {"input_ids": batch, "sampling_params": sampling.to_sglang(part),
                        "return_logprob": True}
-            return await self._request("POST", "/generate", payload,
-                                       parse=lambda r: parse_generations(r, batch, sampling))
+            if routes is not None:
+                payload["return_routed_experts"] = True
+            if top_k > 0:
+                payload["top_logprobs_num"] = int(top_k)
+            return await self._request(
+                "POST", "/generate", payload,
+                parse=lambda r: parse_generations(r, batch, sampling, routes, top_k))
         return await self._batched(len(prompts), call)
 
     async def ascore(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-                     top_k: int = 0) -> list[Scores]:
+                     top_k: int = 0, hidden_dtype: torch.dtype | None = None,
+                     token_ids: Sequence[Sequence[int]] | None = None) -> list[Scores]:
         """Prefill-only log-probs of given tokens at temperature 1 (no sampling).
 
         Args:
@@ -83,12 +94,18 @@ class EngineClient(HttpEndpoint):
             response_starts: First scored position of each sequence (>= 1: the first token
                 of a sequence has no log-prob). Scores cover positions start..len-1.
             top_k: Also return the top-k ids and log-probs at those positions (0 = off).
+            hidden_dtype: Also return the final hidden states that predict them, kept in
+                this dtype (None = off; the server needs --enable-return-hidden-states).
+            token_ids: Also return, per sequence, the log-probs of these ids at every scored
+                position (SGLang's `token_ids_logprob`, one list per sequence; None = off).
 
         Returns:
             One `Scores` per sequence, in input order.
         """
         if len(sequences) != len(response_starts):
             raise ValueError(f"{len(sequences)} sequences but {len(response_starts)} starts")
+        if token_ids is not None and len(token_ids) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(token_ids)} token_ids lists")
         for seq, r in zip(sequences, response_starts):
             if not 1 <= r <= len(seq):
                 raise ValueError(f"response start {r} not in [1, {len(seq)}]")
@@ -101,8 +118,18 @@ class EngineClient(HttpEndpoint):
                        "logprob_start_len": [r - 1 for r in starts]}
             if top_k > 0:
                 payload["top_logprobs_num"] = int(top_k)
-            return await self._request("POST", "/generate", payload,
-                                       parse=lambda r: parse_scores(r, batch, starts, top_k))
+            if hidden_dtype is not None:
+                payload["return_hidden_states"] = True
+            chosen = None if token_ids is None else [list(map(int, i)) for i in token_ids[part]]
+            if chosen is not None:
+                payload["token_ids_logprob"] = chosen
+
+            def parse(resp: Any) -> list[Scores]:
+                scores = parse_scores(resp, batch, starts, top_k, chosen)
+                if hidden_dtype is None:
+                    return scores
+                return attach_hidden(scores, resp, batch, starts, hidden_dtype)
+            return await self._request("POST", "/generate", payload, parse=parse)
         return await self._batched(len(sequences), call)
 
     # -- control --------------------------------------------------------------------------
@@ -231,15 +258,16 @@ class EngineClient(HttpEndpoint):
 
     # -- blocking twins -------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]],
-                 sampling: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams,
+                 routes: RouteShape | None = None, top_k: int = 0) -> list[Generation]:
         """Blocking `agenerate`."""
-        return run_sync(self.agenerate(prompts, sampling))
+        return run_sync(self.agenerate(prompts, sampling, routes, top_k))
 
     def score(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-              top_k: int = 0) -> list[Scores]:
+              top_k: int = 0, hidden_dtype: torch.dtype | None = None,
+              token_ids: Sequence[Sequence[int]] | None = None) -> list[Scores]:
         """Blocking `ascore`."""
-        return run_sync(self.ascore(sequences, response_starts, top_k))
+        return run_sync(self.ascore(sequences, response_starts, top_k, hidden_dtype, token_ids))
 
     def health(self) -> bool:
         """Blocking `ahealth`."""

@@ -16,8 +16,11 @@ body SGLang 0.5.23 would send. The checks follow SGLang's own code, in its order
 4. the lengths (`tokenizer_manager._validate_one_request`, the scheduler's
    logprob_start_len check).
 
-What the CPU engine does not implement (text input, streaming, penalties, min_p, grammars,
-hidden states, ...) is refused with HTTP 400 naming the field, only when it is set.
+`return_routed_experts` is read from the body itself: SGLang's `GenerateReqInput` has it,
+its JSON contract does not (unknown fields pass the contract).
+`token_ids_logprob` and `return_hidden_states` are checked in `local_payloads.py`. What the
+CPU engine does not implement (text input, streaming, penalties, min_p, grammars, ...) is
+refused with HTTP 400 naming the field, only when it is set.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from mopd_megatron.rollout.local_payloads import payload_fields
 from mopd_megatron.rollout.sglang_contract import load_api_types
 
 TOP_K_ALL = 1 << 30
 """SGLang's top_k for 'the whole vocabulary'."""
 MAX_STOP_COUNT = 32
 SUPPORTED_REQUEST = {"input_ids", "sampling_params", "return_logprob", "logprob_start_len",
-                     "top_logprobs_num", "rid", "return_text_in_logprobs"}
+                     "top_logprobs_num", "rid", "return_text_in_logprobs",
+                     "routed_experts_start_len", "token_ids_logprob", "return_hidden_states"}
 SUPPORTED_SAMPLING = {"max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature",
                       "top_p", "top_k", "n", "ignore_eos", "skip_special_tokens",
                       "spaces_between_special_tokens", "no_stop_trim", "stream_interval",
@@ -76,6 +81,13 @@ class SeqRequest:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     sampling_seed: int | None = None
+    token_ids_logprob: tuple[int, ...] = ()
+    """Ids whose log-probs every returned position reports (`local_payloads.py`)."""
+    return_hidden_states: bool = False
+    """Return the final (post-norm) hidden state of every position run."""
+    return_routed_experts: bool = False
+    routed_experts_start_len: int = 0
+    """Routes are returned for positions [routed_experts_start_len, seqlen - 1)."""
     aborted: str | None = None
     """Set (to the abort message) by the scheduler: the engine finishes the row at its next
     step with finish_reason abort."""
@@ -175,8 +187,8 @@ def _check_supported(obj: Any, default: Any, supported: set[str], prefix: str) -
             raise BadRequest(f"'{prefix}{name}' is not supported by the embedded CPU engine")
 
 
-def parse_generate(body: Any, vocab_size: int, context_len: int,
-                   tokenizer: Any = None) -> tuple[list[SeqRequest], bool]:
+def parse_generate(body: Any, vocab_size: int, context_len: int, tokenizer: Any = None,
+                   hidden_states_enabled: bool = False) -> tuple[list[SeqRequest], bool]:
     """Check a /generate body as SGLang does; one `SeqRequest` per sample.
 
     Args:
@@ -184,6 +196,7 @@ def parse_generate(body: Any, vocab_size: int, context_len: int,
         vocab_size: Token ids must be below it.
         context_len: Prompt + new tokens may not exceed it (no truncation, as SGLang's default).
         tokenizer: The model's tokenizer (stop strings, token texts), or None.
+        hidden_states_enabled: The server runs with `--enable-return-hidden-states`.
 
     Returns:
         The samples (item-major for n > 1), and whether the reply is a list (a batch, or n > 1).
@@ -213,19 +226,44 @@ def parse_generate(body: Any, vocab_size: int, context_len: int,
             raise BadRequest(f"Cannot use list {name} with parallel_sample_num > 1")
     flags = [_per_item(getattr(req, name), len(prompts), d, name)
              for name, d in zip(names, (False, -1, 0))]
+    routes = _routes_request(body, req.routed_experts_start_len, prompts)
+    try:
+        payloads = payload_fields(req, len(prompts), n, vocab_size, hidden_states_enabled)
+    except ValueError as err:
+        raise BadRequest(str(err)) from None
     out = []
-    for ids, sp, rid, ret_lp, start, top in zip(prompts, sampling,
-                                                _rids(req.rid, len(prompts), batch), *flags):
+    for ids, sp, rid, payload, ret_lp, start, top in zip(
+            prompts, sampling, _rids(req.rid, len(prompts), batch), payloads, *flags):
         settings = _verify(sp, vocab_size) | _stops(sp, tokenizer)
         _check_supported(sp, api.SamplingParams(), SUPPORTED_SAMPLING, "sampling_params.")
         out += [_sample(list(ids), rid if n == 1 else uuid.uuid4().hex, sp, settings,
                         bool(ret_lp), int(start), int(top), vocab_size, context_len,
-                        bool(req.return_text_in_logprobs)) for _ in range(n)]
+                        bool(req.return_text_in_logprobs), routes | payload) for _ in range(n)]
     return out, batch or n > 1
 
 
+def _routes_request(body: Any, start: int, prompts: list) -> dict[str, Any]:
+    """`return_routed_experts` (a field of SGLang's `GenerateReqInput` that its JSON contract
+    does not list) and the scheduler's check of `routed_experts_start_len`."""
+    wanted = body.get("return_routed_experts", False)
+    if not isinstance(wanted, bool):
+        raise BadRequest(f"return_routed_experts must be a boolean, got {wanted!r:.50}")
+    if not wanted:
+        return {}
+    if start < 0:
+        raise BadRequest(f"recv_req.routed_experts_start_len={start} is lower than 0. Please "
+                         "use a non-negative routed_experts_start_len.")
+    for ids in prompts:
+        if start > len(ids):
+            raise BadRequest(f"recv_req.routed_experts_start_len={start} is higher than the "
+                             f"number of input tokens len(req.origin_input_ids)={len(ids)}. "
+                             "Please use a smaller routed_experts_start_len.")
+    return {"return_routed_experts": True, "routed_experts_start_len": start}
+
+
 def _sample(ids: list[int], rid: str, sp: Any, settings: dict, return_logprob: bool, start: int,
-            top: int, vocab_size: int, context_len: int, texts: bool) -> SeqRequest:
+            top: int, vocab_size: int, context_len: int, texts: bool,
+            routes: dict[str, Any]) -> SeqRequest:
     if not ids or min(ids) < 0 or max(ids) >= vocab_size:
         raise BadRequest(f"input_ids must be non-empty token ids in [0, {vocab_size})")
     if len(ids) >= context_len:
@@ -254,4 +292,4 @@ def _sample(ids: list[int], rid: str, sp: Any, settings: dict, return_logprob: b
         ignore_eos=bool(sp.ignore_eos), skip_special_tokens=_value(sp, "skip_special_tokens", True),
         no_stop_trim=bool(sp.no_stop_trim), return_logprob=return_logprob,
         logprob_start_len=start, top_logprobs_num=top, return_text_in_logprobs=texts,
-        sampling_seed=sp.sampling_seed)
+        sampling_seed=sp.sampling_seed, **routes)

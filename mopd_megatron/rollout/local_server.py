@@ -3,6 +3,7 @@
     python -m mopd_megatron.rollout.local_server --model-path DIR --host 127.0.0.1 --port N
         [--num-threads 1] [--random-seed 0] [--max-running-requests 1024]
         [--max-total-tokens 32768] [--disable-radix-cache] [--max-request-bytes 536870912]
+        [--enable-return-routed-experts] [--enable-return-hidden-states]
 
 Consumes HTTP requests with SGLang's field names; produces SGLang's replies (bodies and status
 codes), so the client, the teachers and the weight sync run unchanged against a real SGLang:
@@ -10,8 +11,10 @@ codes), so the client, the teachers and the weight sync run unchanged against a 
 - POST /generate (`local_requests.py` admits it, `local_batch.py` runs it): token ids, single
   or batch; sampling temperature, top_p, top_k, max_new_tokens, stop, stop_token_ids,
   stop_regex (finish_reason.matched as SGLang), n, ignore_eos, no_stop_trim, sampling_seed;
-  return_logprob, logprob_start_len, top_logprobs_num, return_text_in_logprobs; a prefix
-  cache (meta_info.cached_tokens). Contract violations, bad values and what the CPU engine
+  return_logprob, logprob_start_len, top_logprobs_num, token_ids_logprob,
+  return_text_in_logprobs; with --enable-return-hidden-states, return_hidden_states
+  (`local_payloads.py`, `local_hidden.py`); a prefix cache (meta_info.cached_tokens); with --enable-return-routed-experts, return_routed_experts
+  and routed_experts_start_len (`local_routes.py`). Contract violations, bad values and what the CPU engine
   does not do (text input, streaming, penalties, grammars, ...) get HTTP 400 naming the field.
 - Weight updates (`local_updates.py`): from disk; from tensor and from distributed only
   inside /begin_weight_update ... /end_weight_update; /init_weights_update_group,
@@ -42,6 +45,7 @@ from mopd_megatron.rollout.local_batch import BatchRunner
 from mopd_megatron.rollout.local_engine import LocalModel
 from mopd_megatron.rollout.local_prefix_cache import PrefixCache
 from mopd_megatron.rollout.local_requests import BadRequest, SeqRequest, parse_generate
+from mopd_megatron.rollout.local_routes import RouteRecorder
 from mopd_megatron.rollout.local_scheduler import Scheduler
 from mopd_megatron.rollout.local_updates import WeightUpdates, get_field
 from mopd_megatron.rollout.tensor_payload import SAFETENSORS_B64
@@ -62,7 +66,8 @@ class EngineServer(ThreadingHTTPServer):
         self.model = LocalModel(args.model_path)
         plain = self.model.cache_is_plain() and not args.disable_radix_cache
         self.cache = PrefixCache(args.max_total_tokens) if plain else None
-        self.scheduler = Scheduler(BatchRunner(self.model, self.cache, args.random_seed),
+        routes = RouteRecorder(self.model.model) if args.enable_return_routed_experts else None
+        self.scheduler = Scheduler(BatchRunner(self.model, self.cache, args.random_seed, routes),
                                    args.max_running_requests)
         self.updates = WeightUpdates(self.model, self.scheduler, self.flush)
         self.released: set[str] = set()
@@ -167,7 +172,8 @@ class Handler(BaseHTTPRequestHandler):
     def _generate(self) -> Any:
         model = self.server.model
         seqs, many = parse_generate(self._body(), model.vocab_size,
-                                    model.model.config.max_position_embeddings, model.tokenizer)
+                                    model.model.config.max_position_embeddings, model.tokenizer,
+                                    self.server.args.enable_return_hidden_states)
         tic = time.perf_counter()
         results = self.server.scheduler.generate(seqs)
         for res in results:
@@ -251,6 +257,8 @@ class Handler(BaseHTTPRequestHandler):
             "random_seed": args.random_seed, "max_running_requests": args.max_running_requests,
             "max_total_tokens": args.max_total_tokens,
             "disable_radix_cache": server.cache is None, "context_length": context,
+            "enable_return_routed_experts": args.enable_return_routed_experts,
+            "enable_return_hidden_states": args.enable_return_hidden_states,
             "status": "ready", "max_total_num_tokens": args.max_total_tokens,
             "max_req_input_len": context - 1, "max_context_length": context,
             "startup_time": server.startup_time, "version": SGLANG_VERSION, "frontend": "python",
@@ -275,6 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-total-tokens", type=int, default=32768,
                         help="tokens the prefix cache holds")
     parser.add_argument("--disable-radix-cache", action="store_true")
+    parser.add_argument("--enable-return-routed-experts", action="store_true",
+                        help="record every token's routed experts (MoE models) so requests "
+                             "with return_routed_experts get them")
+    parser.add_argument("--enable-return-hidden-states", action="store_true",
+                        help="allow return_hidden_states (teachers' hidden-state payload)")
     parser.add_argument("--max-request-bytes", type=int, default=512 << 20,
                         help="largest request body; larger ones get HTTP 413")
     args = parser.parse_args(argv)

@@ -4,10 +4,10 @@ Consumes an `EngineConfig` (engine kind, model path, parallel sizes, port, limit
 produces an `EngineHandle` with the server's `url` and an `EngineClient`. One entry point,
 `start_engine`, serves the student's rollout engine and every teacher:
 
-- `sglang`: `python -m sglang.launch_server --model-path P --host H --port N --tp-size ..
-  --dp-size .. --ep-size .. --mem-fraction-static .. [--enable-return-routed-experts]
-  [extra_args]` (a GPU machine; the routes flag when the rollout engine's
-  `routing_replay` is on);
+- `sglang`: `python -m sglang.launch_server --model-path P --host H --port N
+  [--enable-return-routed-experts] --tp-size .. --dp-size .. --ep-size ..
+  --mem-fraction-static .. [extra_args]` (a GPU machine; the routes flag, on both engine
+  kinds, when the rollout engine's `routing_replay` is on);
 - `local`: the embedded CPU engine, `python -m mopd_megatron.rollout.local_server` with the
   same flags where it has them (`extra_args` are passed on, e.g. `--num-threads 2`);
 - `url`: attach to a server that is already running at `cfg.url` (nothing is launched or
@@ -46,17 +46,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 def launch_command(cfg: EngineConfig, model_path: str, port: int) -> list[str]:
     """The server command line for `cfg.engine` in {sglang, local}."""
     common = ["--model-path", str(model_path), "--host", cfg.host, "--port", str(port)]
+    # Routing replay: only the rollout engine's config has the key (teachers never replay).
+    if getattr(cfg, "routing_replay", False):
+        common.append("--enable-return-routed-experts")
+    # A teacher that sends hidden states needs SGLang's flag for them.
+    if getattr(cfg, "payload", "") == "hidden_states":
+        common.append("--enable-return-hidden-states")
     if cfg.engine == "local":
         if max(cfg.tp, cfg.dp, cfg.ep) > 1:
             raise ValueError(f"the embedded CPU engine runs tp=dp=ep=1, got tp={cfg.tp} "
                              f"dp={cfg.dp} ep={cfg.ep}")
         return [sys.executable, "-m", "mopd_megatron.rollout.local_server", *common,
                 *cfg.extra_args]
-    # Routing replay: only the rollout engine's config has the key (teachers never replay).
-    routes = ["--enable-return-routed-experts"] if getattr(cfg, "routing_replay", False) else []
     return [sys.executable, "-m", "sglang.launch_server", *common, "--tp-size", str(cfg.tp),
             "--dp-size", str(cfg.dp), "--ep-size", str(cfg.ep),
-            "--mem-fraction-static", str(cfg.mem_fraction_static), *routes, *cfg.extra_args]
+            "--mem-fraction-static", str(cfg.mem_fraction_static), *cfg.extra_args]
 
 
 class EngineHandle:

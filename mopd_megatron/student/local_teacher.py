@@ -52,9 +52,15 @@ class LocalTeachers:
 
     def wrap(self, loss_fn):
         """`loss_fn` with the micro-batch's `teacher_logits` attached."""
+        return with_teacher_logits(
+            loss_fn, lambda mb: self.logits(mb["tokens"], mb["domain_ids"]))
 
-        def with_teacher_logits(logits: Tensor, micro_batch: dict):
-            teacher = self.logits(micro_batch["tokens"], micro_batch["domain_ids"])
-            return loss_fn(logits, {**micro_batch, "teacher_logits": teacher})
 
-        return with_teacher_logits
+def with_teacher_logits(loss_fn, teacher_logits):
+    """`loss_fn(logits, micro_batch)` with `teacher_logits(micro_batch)` [b, s, V_padded / tp]
+    added to the micro-batch as `teacher_logits` (the full-vocabulary losses read it)."""
+
+    def loss(logits: Tensor, micro_batch: dict):
+        return loss_fn(logits, {**micro_batch, "teacher_logits": teacher_logits(micro_batch)})
+
+    return loss

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 
-from ..config import Recipe
+from ..config import Recipe, teacher_payload
 from ..hf.convert import HF_CONFIG_DIR, save_hf_checkpoint
 from ..hf.safetensors_io import copy_hf_metadata
 from ..hf.spec import HFModelSpec, read_hf_config
@@ -78,6 +78,7 @@ class Student:
         return LossContext(
             vocab_size=self.spec.vocab_size, temperature=self.recipe.rollout.temperature,
             tp_group=parallel_state.get_tensor_model_parallel_group(), num_domains=num_domains,
+            teacher_payload=teacher_payload(self.recipe),
         )
 
     def step(self, batch: dict, objective: Objective) -> dict[str, float]:

@@ -2,8 +2,11 @@
 
 Consumes token sequences (prompt + the student's response), the position where each
 response starts, and each sequence's domain; produces, in input order, one `Scores` per
-sequence: log pi_T(y_t) of every response token under its domain's teacher, and with
-`top_k > 0` the teacher's top-k ids and log-probs per position (the top-k loss).
+sequence: log pi_T(y_t) of every response token under its domain's teacher, with
+`top_k > 0` the teacher's top-k ids and log-probs per position (the top-k loss), and with
+`hidden_states` the teacher's final hidden state per position in its recipe dtype (the
+full-vocabulary losses without local teachers; launched servers get the flag it needs), and
+with `token_ids` the log-probs of each sequence's given ids per position (`student_topk`).
 
 Routing is hard (MiMo-V2-Flash MOPD): a domain belongs to exactly one teacher (the recipe
 validates it); a domain no teacher lists goes to `default`, or is an error naming the
@@ -29,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
+import torch
 from transformers import AutoTokenizer
 
 from mopd_megatron.config import TeacherConfig, TeachersConfig
@@ -96,16 +100,19 @@ class TeacherPool:
         routes: Domain -> teacher name.
         default: Teacher for domains not in `routes` (None = such a domain is an error).
         handles: Engines to stop with the pool.
+        hidden_dtypes: Teacher name -> dtype its hidden states are kept in (default bf16).
     """
 
     def __init__(self, clients: dict[str, EngineClient], routes: dict[str, str],
                  default: str | None = None,
-                 handles: Sequence[EngineHandle] = ()):
+                 handles: Sequence[EngineHandle] = (),
+                 hidden_dtypes: dict[str, torch.dtype] | None = None):
         unknown = {t for t in [*routes.values(), default] if t is not None} - set(clients)
         if unknown:
             raise ValueError(f"routes name teachers without a client: {sorted(unknown)}")
         self.clients, self.routes, self.default = clients, routes, default
         self.handles = list(handles)
+        self.hidden_dtypes = hidden_dtypes or {}
 
     @classmethod
     def start(cls, cfg: TeachersConfig, student_path: str | Path, log_dir: str | Path = ".",
@@ -145,7 +152,8 @@ class TeacherPool:
             raise
         clients = {t.name: handles[_endpoint(t)].client for t in cfg.teachers}
         routes = {d: t.name for t in cfg.teachers for d in t.domains}
-        return cls(clients, routes, cfg.default, list(handles.values()))
+        dtypes = {t.name: getattr(torch, t.hidden_dtype) for t in cfg.teachers}
+        return cls(clients, routes, cfg.default, list(handles.values()), dtypes)
 
     @property
     def names(self) -> list[str]:
@@ -161,7 +169,9 @@ class TeacherPool:
         return resolve_route(self.routes, self.default, domain)
 
     async def ascore(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-                     domains: Sequence[str], top_k: int = 0) -> list[Scores]:
+                     domains: Sequence[str], top_k: int = 0,
+                     hidden_states: bool = False,
+                     token_ids: Sequence[Sequence[int]] | None = None) -> list[Scores]:
         """Score each sequence from its response start with its domain's teacher.
 
         Args:
@@ -170,6 +180,9 @@ class TeacherPool:
             domains: Each sequence's domain.
             top_k: Top-k log-probs per position to return as well (0 = none; the objective
                 says how many it needs).
+            hidden_states: Return each teacher's final hidden states as well.
+            token_ids: Per sequence, ids whose log-probs to return at every position (None =
+                none; `EngineClient.ascore`).
 
         Returns:
             One `Scores` per sequence, in input order.
@@ -177,23 +190,29 @@ class TeacherPool:
         if not len(sequences) == len(response_starts) == len(domains):
             raise ValueError(f"{len(sequences)} sequences, {len(response_starts)} starts and "
                              f"{len(domains)} domains")
-        groups: dict[int, tuple[EngineClient, list[int]]] = {}
+        groups: dict[tuple, tuple[EngineClient, torch.dtype | None, list[int]]] = {}
         for i, domain in enumerate(domains):
-            client = self.clients[self.route(domain)]
-            groups.setdefault(id(client), (client, []))[1].append(i)
+            name = self.route(domain)
+            client = self.clients[name]
+            dtype = self.hidden_dtypes.get(name, torch.bfloat16) if hidden_states else None
+            groups.setdefault((id(client), dtype), (client, dtype, []))[2].append(i)
         parts = await asyncio.gather(*(
-            client.ascore([sequences[i] for i in idx], [response_starts[i] for i in idx], top_k)
-            for client, idx in groups.values()))
+            client.ascore([sequences[i] for i in idx], [response_starts[i] for i in idx], top_k,
+                          dtype, None if token_ids is None else [token_ids[i] for i in idx])
+            for client, dtype, idx in groups.values()))
         out: list[Scores | None] = [None] * len(sequences)
-        for (_, idx), scores in zip(groups.values(), parts):
+        for (_, _, idx), scores in zip(groups.values(), parts):
             for i, s in zip(idx, scores):
                 out[i] = s
         return out
 
     def score(self, sequences: Sequence[Sequence[int]], response_starts: Sequence[int],
-              domains: Sequence[str], top_k: int = 0) -> list[Scores]:
+              domains: Sequence[str], top_k: int = 0,
+              hidden_states: bool = False,
+              token_ids: Sequence[Sequence[int]] | None = None) -> list[Scores]:
         """Blocking `ascore`."""
-        return run_sync(self.ascore(sequences, response_starts, domains, top_k))
+        return run_sync(self.ascore(sequences, response_starts, domains, top_k, hidden_states,
+                                    token_ids))
 
     def stop(self) -> None:
         """Stop the teacher servers this pool launched."""

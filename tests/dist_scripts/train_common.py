@@ -142,3 +142,34 @@ def replica_max_diff(vector: torch.Tensor) -> float:
     diff = (vector - reference).abs().max().reshape(1)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return float(diff)
+
+
+SEGMENTS = [(3, 4, 3, 2, 4, 3), (2, 3, 5, 4, 0, 0), (4, 2, 2, 2, 2, 5), (1, 6, 1, 1, 3, 2),
+            (5, 2, 4, 3, 0, 0), (2, 2, 2, 2, 2, 2), (3, 1, 6, 1, 1, 4), (2, 5, 2, 5, 0, 0)]
+"""Multi-turn trajectories, per sequence: prompt, turn, observation, turn, observation,
+turn lengths."""
+
+
+def multi_turn_trajectories(vocab: int, garbage: bool = False, topk: int = 4, seed: int = 0):
+    """Fixed scored multi-turn trajectories. With `garbage`, the masked positions (prompt,
+    observations) carry teacher values that no loss may ever read."""
+    from mopd_megatron.trajectory import Trajectory
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for group, segments in enumerate(SEGMENTS):
+        mask = [m for n, m in zip(segments, [0, 1, 0, 1, 0, 1]) for _ in range(n)]
+        length = len(mask)
+        ids = torch.randint(3, vocab, (length,), generator=gen).tolist()
+        lp = (-torch.rand(length, generator=gen) * 3).tolist()
+        top_ids = [torch.randperm(vocab, generator=gen)[:topk].tolist() for _ in range(length)]
+        top_lp = [sorted((-torch.rand(topk, generator=gen) * 4).tolist(), reverse=True)
+                  for _ in range(length)]
+        keep = [bool(m) or garbage for m in mask]
+        out.append(Trajectory(
+            ids, mask, [x if m else 0.0 for x, m in zip(lp, mask)], domain="echo",
+            group=group // 2, reward=float(group % 3 == 0), environment="echo", turns=3,
+            teacher_logprobs=[x if m else (-40.0 if garbage else 0.0) for x, m in zip(lp, mask)],
+            teacher_topk_ids=[r if k else [] for r, k in zip(top_ids, keep)],
+            teacher_topk_logprobs=[r if k else [] for r, k in zip(top_lp, keep)]))
+    return out
