@@ -197,29 +197,14 @@ def assistant_tensors(pairs: list[tuple[str, str]], tokenizer) -> tuple[torch.Te
     return ids, labels
 
 
-def _step(trainer: SFTTrainer, pairs: list[tuple[str, str]]) -> float:
-    """`SFTTrainer.step` with the loss on the assistant's tokens only."""
-    ids, labels = assistant_tensors(pairs, trainer.tokenizer)
-    trainer.model.train()
-    logits = trainer.model(input_ids=ids).logits[:, :-1].float()
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
-    loss.backward()
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.schedule.step()
-    trainer.steps += 1
-    return loss.item()
-
-
 def _sft(model, tokenizer, records, steps, tool_share, s: AgenticSettings, name: str,
          batch_size: int, lr: float) -> None:
     trainer = SFTTrainer(model, tokenizer, lr, s.warmup_steps)
     rng = random.Random(f"{s.seed}:{name}")
     for _ in range(steps):
         batch = rng.sample(records, batch_size)
-        loss = _step(trainer, [transcript(tokenizer, r, rng.random() < tool_share)
-                               for r in batch])
+        loss = trainer.step([transcript(tokenizer, r, rng.random() < tool_share)
+                             for r in batch], assistant_tensors)
         if trainer.steps % 50 == 0:
             logger.info("%s %s loss %.3f", name, trainer.progress(steps), loss)
 

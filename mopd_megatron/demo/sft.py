@@ -57,9 +57,10 @@ class SFTTrainer:
         self.steps = 0
         self.started = time.perf_counter()
 
-    def step(self, pairs: list[tuple[str, str]]) -> float:
-        """One optimiser step on a batch of pairs; returns the loss."""
-        ids, labels = sft_tensors(pairs, self.tokenizer)
+    def step(self, pairs: list[tuple[str, str]], tensors=None) -> float:
+        """One optimiser step on a batch of pairs; returns the loss. `tensors(pairs, tokenizer)
+        -> (ids, labels)` renders the batch (default `sft_tensors`: loss on the answer)."""
+        ids, labels = (tensors or sft_tensors)(pairs, self.tokenizer)
         self.model.train()
         logits = self.model(input_ids=ids).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
