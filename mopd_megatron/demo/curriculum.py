@@ -93,7 +93,7 @@ def train_teacher(
     model = copy.deepcopy(base)
     own = [r for r in dev if r.domain == domain]
     trainer = SFTTrainer(model, tokenizer, s.lr, s.warmup_steps)
-    best: tuple[float, int, dict] = (-1.0, 0, copy.deepcopy(model.state_dict()))
+    best = BestCheckpoint(model)
     while trainer.steps < s.teacher_max_steps:
         loss = trainer.step(stream.draw({domain: 1.0}, s.batch_size))
         if trainer.steps % s.teacher_check_every and trainer.steps < s.teacher_max_steps:
@@ -101,14 +101,33 @@ def train_teacher(
         acc = score(model, own)[domain]
         progress = trainer.progress(s.teacher_max_steps)
         logger.info("teacher %s %s loss %.3f dev %.3f", domain, progress, loss, acc)
-        if acc > best[0]:
-            best = (acc, trainer.steps, copy.deepcopy(model.state_dict()))
+        best.offer(model, acc, trainer.steps)
         if acc >= s.teacher_target:
             break
-    if best[0] < s.teacher_target:
-        logger.warning("teacher %s: best dev %.3f < target %.2f", domain, best[0], s.teacher_target)
-    model.load_state_dict(best[2])
-    return model, best[1]
+    if best.accuracy < s.teacher_target:
+        logger.warning("teacher %s: best dev %.3f < target %.2f", domain, best.accuracy,
+                       s.teacher_target)
+    return model, best.restore(model)
+
+
+class BestCheckpoint:
+    """The best dev accuracy a teacher reached while training, its step, and its weights then
+    (teachers end at their best check, whichever way they are trained)."""
+
+    def __init__(self, model: PreTrainedModel, accuracy: float = -1.0, step: int = 0):
+        self.accuracy, self.step = accuracy, step
+        self.state = copy.deepcopy(model.state_dict())
+
+    def offer(self, model: PreTrainedModel, accuracy: float, step: int) -> None:
+        """Keep `model`'s weights if `accuracy` beats the best so far."""
+        if accuracy > self.accuracy:
+            self.accuracy, self.step = accuracy, step
+            self.state = copy.deepcopy(model.state_dict())
+
+    def restore(self, model: PreTrainedModel) -> int:
+        """Load the best weights into `model`; returns their step."""
+        model.load_state_dict(self.state)
+        return self.step
 
 
 def fmt(accuracy: dict[str, float]) -> str:

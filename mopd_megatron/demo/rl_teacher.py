@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from mopd_megatron.data import PromptRecord, encode_prompt
-from mopd_megatron.demo.curriculum import Scorer
+from mopd_megatron.demo.curriculum import BestCheckpoint, Scorer
 from mopd_megatron.demo.settings import WorldSettings
 from mopd_megatron.demo.tasks import ExampleStream, max_new_tokens, toy_domain
 from mopd_megatron.mopd.rewards import score
@@ -50,8 +50,8 @@ def train_teacher_grpo(
     own = [r for r in dev if r.domain == domain]
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.rl_lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / 10))
-    best = (score_dev(model, own)[domain], 0, copy.deepcopy(model.state_dict()))
-    logger.info("teacher %s (grpo) step 0 dev %.3f", domain, best[0])
+    best = BestCheckpoint(model, score_dev(model, own)[domain])
+    logger.info("teacher %s (grpo) step 0 dev %.3f", domain, best.accuracy)
     for step in range(1, s.rl_max_steps + 1):
         mean_reward = grpo_step(model, tokenizer, stream.draw({domain: 1.0}, s.rl_prompts),
                                 domain, s.rl_group, optimizer)
@@ -61,12 +61,10 @@ def train_teacher_grpo(
         acc = score_dev(model, own)[domain]
         logger.info("teacher %s (grpo) step %d reward %.3f dev %.3f", domain, step, mean_reward,
                     acc)
-        if acc > best[0]:
-            best = (acc, step, copy.deepcopy(model.state_dict()))
+        best.offer(model, acc, step)
         if acc >= s.teacher_target:
             break
-    model.load_state_dict(best[2])
-    return model, best[1]
+    return model, best.restore(model)
 
 
 def grpo_step(
