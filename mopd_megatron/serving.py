@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .collect import evaluate_engine
-from .config import Recipe, RolloutConfig
+from .config import Recipe, RecipeError, RolloutConfig, teacher_payload
+from .data import PromptRecord
+from .envs.environment import environment_names
 from .hf.spec import read_hf_config
 from .rollout.client import EngineClient
 from .rollout.multi_turn import DEFAULT_LIMITS, EpisodeLimits
@@ -85,6 +87,35 @@ def rollout_config(recipe: Recipe, routes: RouteShape | None) -> RolloutConfig:
     return dataclasses.replace(recipe.rollout, routing_replay=routes is not None)
 
 
+def prepare_environments(recipe: Recipe, records: list[PromptRecord]) -> None:
+    """Import `rollout.environment_modules` (they register environments) and check, before
+    any engine starts, that every environment the records name is registered and that the
+    recipe can run episodes: on-policy, a payload for multi-turn, an episode that fits the
+    student's context (the teachers prefill the whole episode)."""
+    cfg, src = recipe.rollout, recipe.source
+    for module in cfg.environment_modules:
+        importlib.import_module(module)
+    named = sorted({r.environment for r in records if r.environment})
+    if unknown := sorted(set(named) - set(environment_names())):
+        raise RecipeError(f"{src}: prompt records name environment(s) {unknown} that no module "
+                          f"in rollout.environment_modules={cfg.environment_modules} registers "
+                          f"(registered: {environment_names()})")
+    if not named:
+        return
+    if cfg.source == "teacher_samples":
+        raise RecipeError(f"{src}: rollout.source=teacher_samples samples single turns; the "
+                          f"records name environment(s) {named} (multi-turn): use on_policy")
+    if teacher_payload(recipe) == "student_topk":
+        raise RecipeError(f"{src}: teachers[].payload=student_topk needs single-turn records; "
+                          f"the records name environment(s) {named}: use payload topk")
+    context = read_hf_config(recipe.model.hf_path).max_position_embeddings
+    if cfg.max_episode_tokens >= context:
+        raise RecipeError(f"{src}: rollout.max_episode_tokens={cfg.max_episode_tokens} must be "
+                          f"below the student's context length, max_position_embeddings="
+                          f"{context} in {Path(recipe.model.hf_path) / 'config.json'}: an "
+                          "engine refuses an input that fills the whole context")
+
+
 @contextmanager
 def start_serving(recipe: Recipe, run_dir: Path, owner: bool = True):
     """Start (or attach to) every engine the recipe names; stop them all on exit.
@@ -99,8 +130,6 @@ def start_serving(recipe: Recipe, run_dir: Path, owner: bool = True):
         return
     log_dir = Path(run_dir) / "logs"
     routes = replayed_routes(recipe)
-    for module in recipe.rollout.environment_modules:  # they register their environments
-        importlib.import_module(module)
     with ExitStack() as stack:
         # The rollout engine starts while the teachers start; both are healthy past this block.
         rollout = stack.enter_context(

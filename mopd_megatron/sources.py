@@ -28,7 +28,7 @@ from .mopd.objectives import LossContext, RolloutNeeds, build_objective
 from .rollout.multi_turn import EpisodeLimits
 from .rollout.transport import run_sync
 from .rollout.types import SamplingParams
-from .serving import start_serving
+from .serving import prepare_environments, start_serving
 from .trajectory import Trajectory
 
 
@@ -108,6 +108,7 @@ def rollout_only(recipe: Recipe, out_dir: str | Path) -> Path:
     Megatron): the `--rollout-only` debug switch; `--train-only` trains on the dump."""
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.hf_path)
     prompts = load_prompt_set(recipe.data, tokenizer, recipe.train.seed)
+    prepare_environments(recipe, prompts.train + prompts.held_out)
     vocab = read_hf_config(recipe.model.hf_path).vocab_size
     ctx = LossContext(vocab_size=vocab, teacher_payload=teacher_payload(recipe))
     needs = build_objective(recipe.algorithm, ctx).needs

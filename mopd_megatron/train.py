@@ -25,7 +25,7 @@ from .config import Recipe, to_dict
 from .data.prompt_set import load_prompt_set
 from .mopd.batch import build_batch
 from .mopd.objectives import build_objective
-from .serving import start_serving
+from .serving import prepare_environments, start_serving
 from .sources import OnPolicySource, SavedTrajectories
 from .student.local_teacher import LocalTeachers
 from .student.student import Student
@@ -69,6 +69,7 @@ def train(recipe: Recipe, train_only: str | Path | None = None) -> Path:
     run_dir, ckpt_root, r = Path(recipe.logging.dir), recipe.checkpoint_root, recipe.rollout
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.hf_path)
     prompts = load_prompt_set(recipe.data, tokenizer, recipe.train.seed)  # before any model
+    prepare_environments(recipe, prompts.train + prompts.held_out)
     student = Student.build(recipe)
     loss, objective = build_loss(recipe, student, prompts.domains)
     resumed = student.load(ckpt_root) if recipe.checkpoint.resume else None
