@@ -297,7 +297,7 @@ def test_multi_turn_loss_and_weights_are_layout_invariant(layouts, name):
 
 def test_the_toy_chat_format_expresses_tool_calls(tokenizer):
     record = agentic.make_record(random.Random(3), "t/3")
-    prompt, rest = agentic.transcript(tokenizer, record, use_tool=True)
+    prompt, rest = agentic.transcript(tokenizer, record, "call")
     ids = tokenizer(prompt + rest, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == prompt + rest  # one token per character or chat token
     call = parse_tool_calls(rest)[0]
@@ -326,3 +326,37 @@ def test_the_toy_environment_words_errors_in_its_vocabulary():
     env.reset(agentic.make_record(random.Random(1), "t/1"))
     result = env.step({"role": "assistant", "content": "<tool_call>{bad</tool_call>"})
     assert [m["content"] for m in result.observation] == ["error"] and result.tool_errors == 1
+
+
+def test_environments_are_checked_before_any_engine_starts(agentic_dir):
+    from mopd_megatron.config import ModelConfig, Recipe, TeacherConfig
+    from mopd_megatron.serving import prepare_environments
+    recipe = Recipe(model=ModelConfig(hf_path=str(agentic_dir)),
+                    rollout=RolloutConfig(max_episode_tokens=255,
+                                          environment_modules=["mopd_megatron.demo.agentic"]))
+    prepare_environments(recipe, _records(2))  # fits: the context is 256 tokens
+    with pytest.raises(ValueError, match=r"\['nowhere'\] that no module in rollout.environ"):
+        prepare_environments(recipe, [dataclasses.replace(_records(1)[0], environment="nowhere")])
+    recipe.rollout.max_episode_tokens = 256
+    with pytest.raises(ValueError, match="max_episode_tokens=256 must be below .*"
+                                         "max_position_embeddings=256"):
+        prepare_environments(recipe, _records(1))
+    prepare_environments(recipe, [dataclasses.replace(_records(1)[0], environment=None)])
+    recipe.rollout.max_episode_tokens, recipe.rollout.source = 255, "teacher_samples"
+    with pytest.raises(ValueError, match="source=teacher_samples samples single turns"):
+        prepare_environments(recipe, _records(1))
+    recipe.rollout.source = "on_policy"
+    recipe.teachers.teachers = [TeacherConfig(name="t", payload="student_topk")]
+    with pytest.raises(ValueError, match="payload=student_topk needs single-turn records"):
+        prepare_environments(recipe, _records(1))
+
+
+def test_a_reading_demonstration_teaches_only_the_answer(tokenizer):
+    record = agentic.make_record(random.Random(5), "t/5")
+    called, _ = agentic.transcript(tokenizer, record, "call")
+    prompt, rest = agentic.transcript(tokenizer, record, "read")
+    assert rest == record.answer
+    assert prompt.startswith(called) and prompt.endswith(
+        f"<tool_response>{record.answer}</tool_response><eos><|assistant|>")
+    guess_prompt, guess = agentic.transcript(tokenizer, record, "guess")
+    assert guess_prompt == called and len(guess) == agentic.VALUE_LENGTH

@@ -13,13 +13,15 @@ learns in a few hundred steps (a first design with 3-5 letter values from 26 let
 teacher that called the tool but copied nothing after 150 steps).
 
 The chat format (a Qwen3-shaped template over the toy characters plus JSON punctuation and
-role / tool tokens) is this module's tokenizer. The base student is SFT'd to answer directly
-(a guess) with only `base_tool_share` of its examples calling the tool, below the greedy
-threshold, so greedily it never calls the tool; the teacher is the base SFT'd on tool
-transcripts. SFT's loss sees only the assistant's tokens: the observation and its template
-glue (after `</tool_call>` up to the next `<|assistant|>`) carry no label. MOPD's per-token teacher signal then moves the student toward calling the tool
-(README: what was measured). Importing this module registers the `lookup` environment (recipes list it in
-`rollout.environment_modules`).
+role / tool tokens) is this module's tokenizer. The base student is SFT'd on three kinds of
+demonstration (KINDS): mostly guesses; readings, where a call and its output are already in
+the context and only the answer is taught (the base can read a tool's output, as a pretrained
+model can); and a `base_call_share` of calls, too few for the greedy base ever to call the
+tool. The teacher is the base SFT'd on calls. SFT's loss sees only the assistant's tokens:
+the observation and its template glue (after `</tool_call>` up to the next `<|assistant|>`)
+carry no label. What the student must learn from its teacher's per-token signal is to call
+the tool, with the right key (README: what was measured). Importing this module registers
+the `lookup` environment (recipes list it in `rollout.environment_modules`).
 
 Command line: `python -m mopd_megatron.demo.agentic --out runs/agentic` builds the world and
 runs `recipes/agentic_demo.yaml` on it.
@@ -111,18 +113,24 @@ def make_record(rng: random.Random, record_id: str) -> PromptRecord:
                         id=record_id, metadata={"store": store})
 
 
-def transcript(tokenizer, record: PromptRecord, use_tool: bool) -> tuple[str, str]:
-    """(prompt text without <bos>, the rest) of a demonstration: a tool call, or a guess."""
+KINDS = ("guess", "call", "read")
+"""Demonstrations: `guess` the answer; `call` the tool and answer from its output; `read`:
+the call and its output are already in the context and only the answer is taught, the way a
+pretrained model has read tool transcripts it was never tuned to produce."""
+
+
+def transcript(tokenizer, record: PromptRecord, kind: str) -> tuple[str, str]:
+    """(prompt text without <bos>, the rest) of one demonstration of `kind` (see KINDS)."""
     tools = [LOOKUP.schema()]
-    prompt = render(tokenizer, record.messages, tools, generation=True)
     key = record.messages[0]["content"][4:-1]
-    answer = record.answer if use_tool else _word(random.Random(record.id), VALUE_LENGTH)
-    turns = [{"role": "assistant", "content": answer}]
-    if use_tool:
-        call = json.dumps({"name": "lookup", "arguments": {"key": key}}, separators=(",", ":"))
-        turns = [{"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
-                 {"role": "tool", "content": record.answer}] + turns
-    full = render(tokenizer, record.messages + turns, tools, generation=False)
+    answer = record.answer if kind != "guess" else _word(random.Random(record.id), VALUE_LENGTH)
+    call = json.dumps({"name": "lookup", "arguments": {"key": key}}, separators=(",", ":"))
+    tool_turns = [{"role": "assistant", "content": f"<tool_call>{call}</tool_call>"},
+                  {"role": "tool", "content": record.answer}]
+    context = record.messages + (tool_turns if kind == "read" else [])
+    turns = (tool_turns if kind == "call" else []) + [{"role": "assistant", "content": answer}]
+    prompt = render(tokenizer, context, tools, generation=True)
+    full = render(tokenizer, context + turns, tools, generation=False)
     # sft_tensors adds <bos> and a final <eos> itself
     return prompt.removeprefix(tokenizer.bos_token), full[len(prompt):].removesuffix(
         tokenizer.eos_token)
@@ -136,15 +144,19 @@ class AgenticSettings:
     n_train: int = 4000
     n_test: int = 200
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Rate of the base's SFT."""
     teacher_lr: float = 3e-3
     warmup_steps: int = 20
-    base_steps: int = 120
-    """SFT steps of the base student (guesses, plus `base_tool_share` tool transcripts)."""
-    base_tool_share: float = 0.02
-    """Share of the base's examples that call the tool: below 1/26 (a guessed first letter's
-    probability), so the greedy base never calls it."""
+    base_steps: int = 700
+    """SFT steps of the base student: guesses, `base_call_share` tool calls and
+    `base_read_share` readings of a tool's output (KINDS)."""
+    base_call_share: float = 0.02
+    """Share of the base's examples that call the tool: well below 1/8 (a guessed first
+    letter's probability), so the greedy base never calls it."""
+    base_read_share: float = 0.5
+    """Share of the base's examples that answer from a tool output already in the context:
+    the base can read what a tool returns; what it lacks is calling the tool."""
     teacher_steps: int = 300
     """SFT steps of the teacher from the base, on tool transcripts only."""
     teacher_batch_size: int = 64
@@ -171,11 +183,12 @@ def build_world(out_dir: str | Path, s: AgenticSettings | None = None) -> dict[s
         model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.float32)
     else:
         model = new_student(tokenizer, s.seed)
-        _sft(model, tokenizer, train, s.base_steps, s.base_tool_share, s, "base", s.batch_size,
+        _sft(model, tokenizer, train, s.base_steps,
+             {"call": s.base_call_share, "read": s.base_read_share}, s, "base", s.batch_size,
              s.lr)
         save_hf(model, tokenizer, paths["base"])
-    _sft(model, tokenizer, train, s.teacher_steps, 1.0, s, "teacher", s.teacher_batch_size,
-         s.teacher_lr)
+    _sft(model, tokenizer, train, s.teacher_steps, {"call": 1.0}, s, "teacher",
+         s.teacher_batch_size, s.teacher_lr)
     save_hf(model, tokenizer, paths["teacher"])
     (root / "world.json").write_text(json.dumps(
         {"settings": s.__dict__, "build_seconds": round(time.perf_counter() - started, 1)}))
@@ -197,13 +210,17 @@ def assistant_tensors(pairs: list[tuple[str, str]], tokenizer) -> tuple[torch.Te
     return ids, labels
 
 
-def _sft(model, tokenizer, records, steps, tool_share, s: AgenticSettings, name: str,
-         batch_size: int, lr: float) -> None:
+def _sft(model, tokenizer, records, steps, shares: dict[str, float], s: AgenticSettings,
+         name: str, batch_size: int, lr: float) -> None:
+    """`steps` of assistant-only SFT on demonstrations drawn with `shares` per kind (the
+    rest are guesses)."""
     trainer = SFTTrainer(model, tokenizer, lr, s.warmup_steps)
     rng = random.Random(f"{s.seed}:{name}")
+    kinds, weights = list(shares) + ["guess"], list(shares.values())
+    weights.append(1.0 - sum(weights))
     for _ in range(steps):
         batch = rng.sample(records, batch_size)
-        loss = trainer.step([transcript(tokenizer, r, rng.random() < tool_share)
+        loss = trainer.step([transcript(tokenizer, r, rng.choices(kinds, weights)[0])
                              for r in batch], assistant_tensors)
         if trainer.steps % 50 == 0:
             logger.info("%s %s loss %.3f", name, trainer.progress(steps), loss)
