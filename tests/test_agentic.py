@@ -2,7 +2,11 @@
 engine over HTTP, teacher scores at sampled positions only, and masks every loss respects."""
 
 import dataclasses
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,7 +65,6 @@ FAST = Limits(timeout_s=1.0, memory_bytes=256 << 20, processes=8, output_bytes=1
 
 
 def _call(name: str, **arguments) -> str:
-    import json
     return f"<tool_call>{json.dumps({'name': name, 'arguments': arguments})}</tool_call>"
 
 
@@ -360,3 +363,20 @@ def test_a_reading_demonstration_teaches_only_the_answer(tokenizer):
         f"<tool_response>{record.answer}</tool_response><eos><|assistant|>")
     guess_prompt, guess = agentic.transcript(tokenizer, record, "guess")
     assert guess_prompt == called and len(guess) == agentic.VALUE_LENGTH
+
+
+def test_quick_agentic_demo_runs_the_whole_loop(tmp_path):
+    """`python -m mopd_megatron.demo.agentic --quick`: world, engines over HTTP, episodes,
+    Megatron steps, weight sync, greedy-episode evaluation and the report."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "mopd_megatron.demo.agentic", "--quick",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").open()]
+    assert [h["step"] for h in history] == [1, 2]
+    for h in history:
+        assert h["agent/turns/lookup"] >= 1 and 0 <= h["agent/masked_share"] < 1
+        assert {"agent/tool_calls/lookup", "agent/tool_errors/lookup", "kl/lookup"} <= set(h)
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())["scores"]
+    assert set(scores["student after"]) == {"lookup"}

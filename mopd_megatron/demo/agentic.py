@@ -227,6 +227,12 @@ def _sft(model, tokenizer, records, steps, shares: dict[str, float], s: AgenticS
 
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "agentic_demo.yaml"
+QUICK_WORLD = AgenticSettings(n_train=64, n_test=8, batch_size=8, warmup_steps=2, base_steps=4,
+                              teacher_steps=4, teacher_batch_size=8)
+QUICK_RUN = {"train": {"steps": 2}, "data": {"prompts_per_step": 4},
+             "parallel": {"micro_batch_size": 4}, "logging": {"eval_interval": 0},
+             "rollout": {"batch_size": 4}}
+"""`--quick`: a few steps of everything (smoke test), not a result."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,12 +241,13 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="The agentic toy domain, end to end.")
     parser.add_argument("--out", default="runs/agentic")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     parser.add_argument("overrides", nargs="*", help="dotted recipe overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out).resolve()
     started = time.perf_counter()
-    paths = build_world(out / "world")
+    paths = build_world(out / "world", QUICK_WORLD if args.quick else None)
     print(f"agentic world ready in {time.perf_counter() - started:.0f} s", flush=True)
     recipe = edit_recipe(
         load_recipe(RECIPE), model={"hf_path": str(paths["base"])},
@@ -248,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         teachers={"teachers": [TeacherConfig(name="lookup-teacher", domains=[DOMAIN],
                                              model_path=str(paths["teacher"]))]},
         logging={"dir": str(out / "run")})
+    if args.quick:
+        recipe = edit_recipe(recipe, **QUICK_RUN)
     path = save_recipe(recipe, out / "agentic_recipe.yaml")
     code = subprocess.call([sys.executable, "-m", "mopd_megatron.cli", "train", str(path),
                             *args.overrides])
