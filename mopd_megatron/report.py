@@ -58,10 +58,13 @@ IcePop gated, mean |log π_θ − log μ_θ| on trained tokens."""
 
 
 def plot_history(history_file: Path, keys: list[str], path: Path, evals: bool = True) -> None:
-    """Curves of the named scalars (and every held-out `eval/` score) against the step."""
+    """Curves of the named scalars (a name ending in "/": every scalar under it; and every
+    held-out `eval/` score) against the step; nothing when none was logged."""
     rows = [json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
-    evals = sorted({k for r in rows for k in r if k.startswith("eval/")}) if evals else []
-    keys = [k for k in keys if any(k in r for r in rows)] + evals
+    logged = sorted({k for r in rows for k in r})
+    keys = [k for key in keys + (["eval/"] if evals else [])
+            for k in ([k for k in logged if k.startswith(key)] if key.endswith("/")
+                      else [key] if key in logged else [])]
     if not keys:
         return
     plt = _pyplot()
@@ -91,6 +94,7 @@ def write_report(
     if history.exists():
         plot_history(history, ["loss", "kl/mean", "reward/mean"], run_dir / "training_curves.png")
         plot_history(history, MISMATCH_KEYS, run_dir / "engine_mismatch.png", evals=False)
+        plot_history(history, ["agent/"], run_dir / "agent_episodes.png", evals=False)
     domains = list(next(iter(scores.values())))
     lines = [f"# {title}", "", "| | " + " | ".join(domains) + " |",
              "|---|" + "---:|" * len(domains)]
@@ -102,8 +106,10 @@ def write_report(
     lines += ["", "![per-domain scores](domain_scores.png)", ""]
     if (run_dir / "training_curves.png").exists():
         lines += ["![training curves](training_curves.png)", ""]
-    if (run_dir / "engine_mismatch.png").exists():
-        lines += ["![engine/trainer mismatch](engine_mismatch.png)", ""]
+    for name, caption in (("engine_mismatch.png", "engine/trainer mismatch"),
+                          ("agent_episodes.png", "multi-turn episodes")):
+        if (run_dir / name).exists():
+            lines += [f"![{caption}]({name})", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

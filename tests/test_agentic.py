@@ -380,3 +380,6 @@ def test_quick_agentic_demo_runs_the_whole_loop(tmp_path):
         assert {"agent/tool_calls/lookup", "agent/tool_errors/lookup", "kl/lookup"} <= set(h)
     scores = json.loads((tmp_path / "run" / "scores.json").read_text())["scores"]
     assert set(scores["student after"]) == {"lookup"}
+    assert (tmp_path / "run" / "agent_episodes.png").stat().st_size > 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "![multi-turn episodes](agent_episodes.png)" in report

@@ -23,5 +23,6 @@ def test_quick_demo_runs_the_whole_loop(tmp_path):
     assert set(scores["student after"]) == {"add", "rev", "sort"}
     for name in ("report.md", "domain_scores.png", "training_curves.png"):
         assert (run / name).stat().st_size > 0
+    assert not (run / "agent_episodes.png").exists()  # single-turn: no episode metrics
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "checkpoints" / "hf" / "config.json").is_file()
