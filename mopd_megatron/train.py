@@ -26,7 +26,7 @@ from .data.prompt_set import load_prompt_set
 from .mopd.batch import build_batch
 from .mopd.objectives import build_objective
 from .serving import prepare_environments, start_serving
-from .sources import OnPolicySource, SavedTrajectories
+from .sources import OnPolicySource, SavedTrajectories, broadcast_from_leader
 from .student.local_teacher import LocalTeachers
 from .student.student import Student
 from .student.teacher_heads import TeacherHeads
@@ -88,7 +88,8 @@ def train(recipe: Recipe, train_only: str | Path | None = None) -> Path:
         def evaluate():
             return serving.evaluate(tokenizer, prompts.held_out, r.max_new_tokens)
 
-        before = resumed.get("before") if resumed else evaluate()
+        # every rank keeps the scores: each saves them in its checkpoint's common state
+        before = resumed.get("before") if resumed else broadcast_from_leader(evaluate())
         ahead = None
         if isinstance(source, OnPolicySource):  # sampling runs ahead of training (k >= 0)
             source = ahead = stack.enter_context(AsyncSource(
