@@ -33,8 +33,10 @@ from mopd_megatron.rollout.multi_turn import (
     TURN_SEED_STRIDE,
     EpisodeLimits,
     call_close_id,
+    observation_ids,
     render,
     run_episodes,
+    start_episode,
 )
 from mopd_megatron.rollout.sglang import start_engine
 from mopd_megatron.rollout.transport import run_sync
@@ -383,3 +385,23 @@ def test_quick_agentic_demo_runs_the_whole_loop(tmp_path):
     assert (tmp_path / "run" / "agent_episodes.png").stat().st_size > 0
     report = (tmp_path / "run" / "report.md").read_text()
     assert "![multi-turn episodes](agent_episodes.png)" in report
+
+
+def test_a_template_that_re_renders_past_turns_still_gets_its_glue():
+    """A template that shows a past assistant turn otherwise than it was sampled (here without
+    its text up to '='; Qwen3's drops an empty <think> block) continues from the sampled
+    tokens with exactly the glue the template puts after that turn."""
+    tokenizer = agentic.build_tokenizer()
+    tokenizer.chat_template = agentic.CHAT_TEMPLATE.replace(
+        "<|{{ m.role }}|>{{ m.content }}",
+        "<|{{ m.role }}|>{{ m.content.split('=')[-1] if m.role == 'assistant' and not loop.last "
+        "else m.content }}")
+    episode = start_episode(tokenizer, _records(1)[0], LIMITS)
+    episode.token_ids += tokenizer("ab=cd", add_special_tokens=False)["input_ids"]
+    episode.messages.append({"role": "assistant", "content": "ab=cd"})
+    observation = [{"role": "tool", "content": "seen 1"}]
+    ids = observation_ids(tokenizer, episode, observation)
+    assert tokenizer.decode(ids) == (
+        "<eos><|tool|><tool_response>seen 1</tool_response><eos><|assistant|>")
+    rendered = render(tokenizer, episode.messages + observation, episode.tools, generation=True)
+    assert "ab=cd" not in rendered  # the template itself no longer shows what was sampled

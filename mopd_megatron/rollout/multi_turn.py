@@ -11,12 +11,14 @@ with loss mask 1 and the engine's behaviour log-prob μθ exactly on the sampled
 Each turn generates until the model closes a tool call (the chat format's `</tool_call>`
 token is a stop token id, kept in the output) or ends its message (EOS), within the turn
 and token budgets. The assistant message is the decoded sampled text; the environment
-answers it; the observation's tokens are what the chat template renders after that text:
-the template renders the whole conversation, the text of the tokens so far must be its
-prefix (else the template does not reproduce what was sampled, an error), and only the
-remainder is tokenised and appended. The next turn continues from these exact token ids;
-sampled text is never re-tokenised. Decoding an episode's tokens therefore reproduces the
-chat template's rendering of its conversation.
+answers it; the observation's tokens are what the chat template renders after that text
+(found by rendering the conversation with a marker at the end of the assistant message), and
+only this remainder is tokenised and appended. The next turn continues from these exact token
+ids; sampled text is never re-tokenised. With a template that renders past messages
+verbatim, decoding an episode's tokens reproduces the template's rendering of its
+conversation; one that re-renders them (Qwen3's drops a past turn's empty <think> block and
+re-spaces its reasoning) still gets the exact sampled tokens and the template's glue after
+them.
 
 Routing replay: each token keeps the routes of the forward pass that first computed it
 (a sampled token: its turn's decode; an observation token: the next turn's prefill), so a
@@ -36,6 +38,9 @@ from mopd_megatron.envs.environment import Environment, StepResult, make_environ
 from mopd_megatron.envs.tools import CALL_CLOSE
 from mopd_megatron.rollout.types import Generation, RouteShape, SamplingParams
 
+END_OF_TURN = "\ue000end-of-sampled-turn\ue000"
+"""Marks where an assistant message's sampled text ends in the template's rendering (a
+private-use character: no sampled text contains it)."""
 TURN_SEED_STRIDE = 1 << 14
 """Turn t of a request list samples with seeds sampling_seed + t * stride + item."""
 
@@ -193,7 +198,7 @@ def _advance(tokenizer, e: Episode, gen: Generation, limits: EpisodeLimits,
     if e.turns >= limits.max_turns:
         e.finish_reason = "max_turns"
         return
-    observation = _observation_ids(tokenizer, e, result.observation)
+    observation = observation_ids(tokenizer, e, result.observation)
     if len(e.token_ids) + len(observation) >= limits.max_tokens:  # no room for a sampled token
         e.finish_reason = "length"
         return
@@ -203,19 +208,22 @@ def _advance(tokenizer, e: Episode, gen: Generation, limits: EpisodeLimits,
     e.logprobs += [0.0] * len(observation)
 
 
-def _observation_ids(tokenizer, e: Episode, observation: list[dict]) -> list[int]:
+def observation_ids(tokenizer, e: Episode, observation: list[dict]) -> list[int]:
     """Tokens of what the template renders after the sampled text: glue, the observation
-    messages and the next generation prompt (only this remainder is tokenised)."""
-    so_far = tokenizer.decode(e.token_ids)
-    full = render(tokenizer, e.messages + observation, e.tools, generation=True)
-    if not full.startswith(so_far):
-        at = next((i for i, (a, b) in enumerate(zip(so_far, full)) if a != b), len(full))
-        raise ValueError(
-            "the chat template does not reproduce the sampled conversation (it differs at "
-            f"character {at}: {so_far[at:at + 40]!r} vs {full[at:at + 40]!r}), so a "
-            "multi-turn rollout cannot continue from its exact tokens; use a template that "
-            "renders past assistant messages verbatim")
-    rest = full[len(so_far):]
+    messages and the next generation prompt (only this remainder is tokenised).
+
+    The remainder is what follows END_OF_TURN, appended to the last assistant message, in the
+    rendering of the conversation; so a template that re-renders earlier text differently
+    (Qwen3's drops a past turn's empty <think> block and re-spaces its reasoning) still
+    continues from the exact sampled tokens."""
+    last = e.messages[-1]
+    marked = [*e.messages[:-1], {**last, "content": last["content"] + END_OF_TURN}]
+    parts = render(tokenizer, marked + observation, e.tools, generation=True).split(END_OF_TURN)
+    if len(parts) != 2:
+        raise ValueError("the chat template does not render the end of the assistant's message "
+                         "verbatim, so a multi-turn rollout cannot find where the sampled text "
+                         "ends and what follows it")
+    rest = parts[1]
     ids = list(tokenizer(rest, add_special_tokens=False)["input_ids"])
     if tokenizer.decode(ids) != rest:
         raise ValueError(f"the tokenizer cannot spell the observation {rest!r:.200} (characters "
